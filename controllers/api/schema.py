@@ -1,0 +1,50 @@
+"""Turns a pydantic model's JSON schema into a Kubernetes structural OpenAPI v3 schema.
+
+kube-custom-resource resolves ``$ref``s and strips titles, but lets a referenced model's
+docstring overwrite the description of the field that uses it and leaves ``Optional`` fields as
+``anyOf [X, null]``, which is not structural. This pass fixes both: the field's own description
+wins, and an optional field is simply an absent one.
+"""
+
+from __future__ import annotations
+
+import typing as t
+
+from kube_custom_resource.schema import schema_apply
+from pydantic import BaseModel
+
+JsonSchema = dict[str, t.Any]
+
+
+def _merge_ref(node: JsonSchema, definitions: dict[str, JsonSchema]) -> JsonSchema:
+    if "allOf" in node and len(node["allOf"]) == 1:
+        node = {**node["allOf"][0], **{k: v for k, v in node.items() if k != "allOf"}}
+    if "$ref" in node:
+        target = definitions[node["$ref"].removeprefix("#/$defs/")]
+        siblings = {k: v for k, v in node.items() if k != "$ref"}
+        node = {**target, **siblings}
+        if "x-kubernetes-validations" in target and "x-kubernetes-validations" in siblings:
+            node["x-kubernetes-validations"] = target["x-kubernetes-validations"] + siblings["x-kubernetes-validations"]
+        return _merge_ref(node, definitions)
+    return node
+
+
+def _drop_null(node: JsonSchema) -> JsonSchema:
+    options = node.get("anyOf")
+    if options and any(option.get("type") == "null" for option in options):
+        rest = [option for option in options if option.get("type") != "null"]
+        outer = {k: v for k, v in node.items() if k != "anyOf"}
+        node = {**rest[0], **outer} if len(rest) == 1 else {**outer, "anyOf": rest}
+    if "default" in node and node["default"] is None:
+        node = {k: v for k, v in node.items() if k != "default"}
+    node.pop("title", None)
+    return node
+
+
+def structural_schema(model: type[BaseModel]) -> JsonSchema:
+    """The openAPIV3Schema for ``model``: refs inlined, no nulls, no titles, defaults kept."""
+    raw = BaseModel.model_json_schema.__func__(model, by_alias=True)  # type: ignore[attr-defined]
+    definitions = raw.pop("$defs", {})
+    # Definitions may refer to each other; resolve them before inlining.
+    resolved = schema_apply(raw, lambda node: _merge_ref(node, definitions), pre=True)
+    return schema_apply(resolved, _drop_null)

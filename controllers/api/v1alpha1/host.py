@@ -1,0 +1,129 @@
+"""Host: one hypervisor node, run by a cumulo-agent."""
+
+from __future__ import annotations
+
+import datetime
+import typing as t
+
+from pydantic import Field
+
+from .common import (
+    CLUSTER,
+    IMMUTABLE,
+    STATUS_SUBRESOURCE,
+    AllocationState,
+    Capacity,
+    HypervisorType,
+    Model,
+    Name,
+    Resource,
+    ResourceStatus,
+    StrEnum,
+    Tags,
+    column,
+)
+
+HOST_LABEL = "cumulo.io/host"
+"""Label binding an object to the host whose agent acts on it (agents watch with this selector)."""
+
+
+class HostState(StrEnum):
+    """Connection state, as CloudStack's host status."""
+
+    CONNECTING = "Connecting"
+    UP = "Up"
+    DISCONNECTED = "Disconnected"
+    ALERT = "Alert"
+    DOWN = "Down"
+    ERROR = "Error"
+
+
+class ResourceState(StrEnum):
+    """Administrative state, as CloudStack's host resource state."""
+
+    ENABLED = "Enabled"
+    DISABLED = "Disabled"
+    PREPARE_FOR_MAINTENANCE = "PrepareForMaintenance"
+    MAINTENANCE = "Maintenance"
+    ERROR_IN_MAINTENANCE = "ErrorInMaintenance"
+
+
+class HostSpec(Model):
+    """Desired state of a host."""
+
+    cluster: t.Annotated[Name, IMMUTABLE] = Field(description="Name of the Cluster the host belongs to. Immutable.")
+    node_name: t.Annotated[str, Field(max_length=253)] | None = Field(
+        None, description="Kubernetes node the agent runs on; defaults to the host's name."
+    )
+    allocation_state: AllocationState = Field(
+        AllocationState.ENABLED, description="Disabled hosts take no new placements; running guests stay."
+    )
+    maintenance: bool = Field(
+        False,
+        description="Put the host into maintenance: no new placements, running guests are live-migrated away. "
+        "Set back to false to cancel or to leave maintenance.",
+    )
+    host_tags: Tags = Field(
+        default_factory=list, description="Tags matched against the host tags of service offerings."
+    )
+    ha_enabled: bool = Field(
+        True, description="Restart this host's HA-enabled guests elsewhere when it is found Down."
+    )
+
+
+class NodeInfo(Model):
+    """Facts the host agent reports about its node (owned by the agent)."""
+
+    hypervisor_type: HypervisorType | None = Field(None, description="Hypervisor driver the agent runs.")
+    hypervisor_version: str | None = Field(None, description="Version of the hypervisor (QEMU).")
+    libvirt_version: str | None = Field(None, description="Version of libvirtd, when the driver uses libvirt.")
+    virt_type: str | None = Field(None, description="libvirt domain type used: qemu (TCG) or kvm.")
+    cpu_model: str | None = Field(None, description="Host CPU model.")
+    cpu_sockets: int | None = Field(None, description="CPU sockets.")
+    cpu_cores: int | None = Field(None, description="Physical CPU cores (threads) usable by guests.")
+    cpu_speed_mhz: int | None = Field(None, alias="cpuSpeedMHz", description="CPU speed in MHz.")
+    memory_mib: int | None = Field(None, alias="memoryMiB", description="Memory usable by guests, in MiB.")
+    architecture: str | None = Field(None, description="CPU architecture, such as x86_64.")
+    kernel_version: str | None = Field(None, description="Kernel release of the node.")
+    agent_version: str | None = Field(None, description="Version of cumulo-agent.")
+    private_ip: str | None = Field(None, description="Address the host is reached at on the management network.")
+    last_heartbeat_time: datetime.datetime | None = Field(
+        None, description="When the agent last renewed its heartbeat Lease."
+    )
+
+
+class HostStatus(ResourceStatus):
+    """Observed state of a host."""
+
+    state: HostState | None = Field(None, description="Connection state: Connecting, Up, Disconnected, Alert, Down.")
+    resource_state: ResourceState | None = Field(
+        None, description="Administrative state: Enabled, Disabled, PrepareForMaintenance, Maintenance."
+    )
+    zone: str | None = Field(None, description="Zone of the host.")
+    pod: str | None = Field(None, description="Pod of the host.")
+    capacity: Capacity | None = Field(None, description="Capacity after the cluster's overcommit ratios.")
+    virtual_machines: int | None = Field(None, description="Number of guests placed on the host.")
+    node: NodeInfo | None = Field(None, description="Facts reported by the host's agent.")
+
+
+class Host(
+    Resource,
+    scope=CLUSTER,
+    short_names=["hv"],
+    subresources=STATUS_SUBRESOURCE,
+    printer_columns=[
+        column("Cluster", ".spec.cluster"),
+        column("State", ".status.state"),
+        column("Resource-State", ".status.resourceState"),
+        column("Hypervisor", ".status.node.hypervisorType"),
+        column("VMs", ".status.virtualMachines", "integer"),
+        column("CPU", ".status.capacity.cpuCores.allocated", "integer", 1, "Allocated vCPUs"),
+        column("CPU-Total", ".status.capacity.cpuCores.total", "integer", 1),
+        column("Memory-MiB", ".status.capacity.memoryMiB.allocated", "integer", 1, "Allocated memory"),
+        column("Memory-Total", ".status.capacity.memoryMiB.total", "integer", 1),
+    ],
+):
+    """A hypervisor host, run by the cumulo-agent on its node."""
+
+    spec: HostSpec = Field(description="Desired state of the host.")
+    status: HostStatus = Field(default_factory=HostStatus, description="Observed state of the host.")

@@ -1,0 +1,1 @@
+"""Cumulo's command line and local-cloud tooling (toolchain builder, control-plane launcher)."""
