@@ -29,6 +29,20 @@ def _merge_ref(node: JsonSchema, definitions: dict[str, JsonSchema]) -> JsonSche
     return node
 
 
+def _default_empty_collections(node: JsonSchema) -> JsonSchema:
+    """Optional lists and maps default to empty, as in the models (pydantic leaves ``default_factory``
+    out of JSON schemas); CEL rules can then iterate them without ``has()`` guards."""
+    required = set(node.get("required", ()))
+    for name, prop in node.get("properties", {}).items():
+        if name in required or "default" in prop:
+            continue
+        if prop.get("type") == "array":
+            prop["default"] = []
+        elif prop.get("type") == "object" and isinstance(prop.get("additionalProperties"), dict):
+            prop["default"] = {}
+    return node
+
+
 def _drop_null(node: JsonSchema) -> JsonSchema:
     options = node.get("anyOf")
     if options and any(option.get("type") == "null" for option in options):
@@ -38,11 +52,12 @@ def _drop_null(node: JsonSchema) -> JsonSchema:
     if "default" in node and node["default"] is None:
         node = {k: v for k, v in node.items() if k != "default"}
     node.pop("title", None)
-    return node
+    return _default_empty_collections(node)
 
 
 def structural_schema(model: type[BaseModel]) -> JsonSchema:
-    """The openAPIV3Schema for ``model``: refs inlined, no nulls, no titles, defaults kept."""
+    """The openAPIV3Schema for ``model``: refs inlined, no nulls, no titles, defaults kept (empty for
+    optional lists and maps)."""
     raw = BaseModel.model_json_schema.__func__(model, by_alias=True)  # type: ignore[attr-defined]
     definitions = raw.pop("$defs", {})
     # Definitions may refer to each other; resolve them before inlining.

@@ -100,14 +100,44 @@ class SchemaExtra:
 IMMUTABLE = Rule("self == oldSelf", "is immutable", reason="FieldValueForbidden")
 
 
-def ipv4_as_int(expr: str) -> str:
+def _ipv4_as_int(expr: str) -> str:
     """A CEL expression turning a dotted-quad string into an int, so IPv4 addresses can be ordered."""
     octet = "int({e}.split('.')[{i}])"
     return "(" + " + ".join(f"{octet.format(e=expr, i=i)} * {256 ** (3 - i)}" for i in range(4)) + ")"
 
 
-def in_cidr(cidr_expr: str, ip_expr: str) -> str:
-    return f"cidr({cidr_expr}).containsIP({ip_expr})"
+def _is_ipv4(expr: str) -> str:
+    return f"(isIP({expr}) && ip({expr}).family() == 4)"
+
+
+# The helpers below skip absent or malformed operands: the field's own rule reports those, once.
+
+
+def address_in_cidr(address: str, cidr: str = "cidr") -> Rule:
+    """``address`` (a field name) lies inside the network ``cidr``."""
+    a, c = f"self.{address}", f"self.{cidr}"
+    return Rule(
+        f"!has({a}) || !has({c}) || !isCIDR({c}) || !isIP({a}) || cidr({c}).containsIP({a})",
+        f"{address} must be inside {cidr}", field_path=f".{address}",
+    )
+
+
+def address_range(start: str = "startIp", end: str = "endIp") -> Rule:
+    """Address ``start`` is not after address ``end``."""
+    s_, e_ = f"self.{start}", f"self.{end}"
+    return Rule(
+        f"!has({s_}) || !has({e_}) || !{_is_ipv4(s_)} || !{_is_ipv4(e_)} || {_ipv4_as_int(s_)} <= {_ipv4_as_int(e_)}",
+        f"{start} must not be after {end}", field_path=f".{start}",
+    )
+
+
+def set_at_creation(*fields: str) -> Rule:
+    """Optional immutable fields can be neither added nor removed later (``self == oldSelf`` on the field
+    itself only runs when both values exist)."""
+    return Rule(
+        " && ".join(f"has(self.{f}) == has(oldSelf.{f})" for f in fields),
+        f"{', '.join(fields)} can only be set when the object is created", reason="FieldValueForbidden",
+    )
 
 
 Name = t.Annotated[
@@ -121,7 +151,7 @@ DnsLabel = t.Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-
 IPv4Address = t.Annotated[
     str,
     Field(max_length=15),
-    Rule("isIP(self) && ip(self).family() == 4", "must be an IPv4 address such as 10.1.1.1"),
+    Rule(_is_ipv4("self"), "must be an IPv4 address such as 10.1.1.1"),
 ]
 
 IPv4Cidr = t.Annotated[

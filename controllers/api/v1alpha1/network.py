@@ -21,9 +21,10 @@ from .common import (
     Rule,
     StrEnum,
     column,
-    in_cidr,
-    ipv4_as_int,
+    address_in_cidr,
+    address_range,
     rules,
+    set_at_creation,
 )
 
 
@@ -52,19 +53,15 @@ class NetworkSpec(Model):
     model_config = ConfigDict(
         json_schema_extra=rules(
             Rule("has(self.cidr) == has(self.gateway)", "give cidr and gateway together", field_path=".gateway"),
-            Rule(f"!has(self.cidr) || {in_cidr('self.cidr', 'self.gateway')}", "gateway must be inside cidr",
-                 field_path=".gateway"),
+            address_in_cidr("gateway"),
             Rule("has(self.startIp) == has(self.endIp)", "give startIp and endIp together", field_path=".startIp"),
             Rule("!has(self.startIp) || has(self.cidr)", "an IP range needs cidr and gateway", field_path=".startIp"),
-            Rule(f"!has(self.startIp) || !has(self.cidr) || {in_cidr('self.cidr', 'self.startIp')}",
-                 "startIp must be inside cidr", field_path=".startIp"),
-            Rule(f"!has(self.endIp) || !has(self.cidr) || {in_cidr('self.cidr', 'self.endIp')}",
-                 "endIp must be inside cidr", field_path=".endIp"),
-            Rule(f"!has(self.startIp) || !has(self.endIp) || "
-                 f"{ipv4_as_int('self.startIp')} <= {ipv4_as_int('self.endIp')}",
-                 "startIp must not be after endIp", field_path=".startIp"),
-            Rule("!has(self.cidr) || cidr(self.cidr).prefixLength() <= 29",
+            address_in_cidr("startIp"),
+            address_in_cidr("endIp"),
+            address_range(),
+            Rule("!has(self.cidr) || !isCIDR(self.cidr) || cidr(self.cidr).prefixLength() <= 29",
                  "cidr must hold at least 8 addresses (/29 or larger)", field_path=".cidr"),
+            set_at_creation("physicalNetwork", "cidr", "gateway", "vlan"),
         )
     )
 
@@ -78,7 +75,7 @@ class NetworkSpec(Model):
         None, description="Guest CIDR; the zone's guestCidr when unset (not used by L2 networks). Immutable."
     )
     gateway: t.Annotated[IPv4Address, IMMUTABLE] | None = Field(
-        None, description="Gateway; the first address of the CIDR when unset. Immutable."
+        None, description="Gateway of the network, given together with cidr. Immutable."
     )
     start_ip: IPv4Address | None = Field(
         None, alias="startIp", description="First address IPAM may give guests (shared networks)."

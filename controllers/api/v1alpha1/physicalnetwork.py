@@ -21,8 +21,8 @@ from .common import (
     Rule,
     StrEnum,
     column,
-    in_cidr,
-    ipv4_as_int,
+    address_in_cidr,
+    address_range,
     rules,
 )
 
@@ -71,11 +71,10 @@ class PublicIpRange(Model):
 
     model_config = ConfigDict(
         json_schema_extra=rules(
-            Rule(in_cidr("self.cidr", "self.gateway"), "gateway must be inside cidr", field_path=".gateway"),
-            Rule(in_cidr("self.cidr", "self.startIp"), "startIp must be inside cidr", field_path=".startIp"),
-            Rule(in_cidr("self.cidr", "self.endIp"), "endIp must be inside cidr", field_path=".endIp"),
-            Rule(f"{ipv4_as_int('self.startIp')} <= {ipv4_as_int('self.endIp')}",
-                 "startIp must not be after endIp", field_path=".startIp"),
+            address_in_cidr("gateway"),
+            address_in_cidr("startIp"),
+            address_in_cidr("endIp"),
+            address_range(),
         )
     )
 

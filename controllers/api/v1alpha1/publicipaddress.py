@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typing as t
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from .common import (
     IMMUTABLE,
@@ -17,6 +17,8 @@ from .common import (
     Resource,
     ResourceStatus,
     column,
+    rules,
+    set_at_creation,
 )
 
 
@@ -31,6 +33,8 @@ class StaticNat(Model):
 
 class PublicIPAddressSpec(Model):
     """Desired state of a public address."""
+
+    model_config = ConfigDict(json_schema_extra=rules(set_at_creation("ipAddress")))
 
     zone: t.Annotated[Name, IMMUTABLE] = Field(description="Zone whose public ranges the address comes from.")
     network: t.Annotated[Name, IMMUTABLE] = Field(description="Isolated Network (same namespace) it serves.")

@@ -22,6 +22,7 @@ from .common import (
     StrEnum,
     column,
     rules,
+    set_at_creation,
 )
 
 ImageUrl = t.Annotated[
@@ -74,6 +75,7 @@ class TemplateSpec(Model):
             Rule("!has(self.directKernelBoot) || self.format != 'ISO'", "an ISO cannot use directKernelBoot",
                  field_path=".directKernelBoot"),
             Rule("!has(self.checksum) || has(self.url)", "checksum applies to url sources", field_path=".checksum"),
+            set_at_creation("url", "fromSnapshot", "fromVolume", "checksum", "zone"),
         )
     )
 

@@ -29,7 +29,8 @@ from .common import (
 MacAddress = t.Annotated[
     str,
     Field(max_length=17),
-    Rule("self.matches('^([0-9a-f]{2}:){5}[0-9a-f]{2}$') && int('0x' + self.substring(0, 2)) % 2 == 0",
+    # The low bit of the first octet marks multicast; a NIC address must be unicast.
+    Rule("self.matches('^[0-9a-f][02468ace](:[0-9a-f]{2}){5}$')",
          "must be a lowercase unicast MAC address such as 02:00:0a:01:01:05"),
 ]
 
@@ -75,12 +76,6 @@ class NicRequest(Model):
     default: bool = Field(False, description="The NIC holding the default route; the first NIC when none is marked.")
 
 
-class DataVolumeAttachment(Model):
-    """A data Volume attached to the guest."""
-
-    volume: ObjectReference = Field(description="The Volume, in the guest's namespace.")
-
-
 class VirtualMachineSpec(Model):
     """Desired state of a guest."""
 
@@ -89,8 +84,6 @@ class VirtualMachineSpec(Model):
             Rule("self.nics.filter(n, n.default).size() <= 1", "at most one NIC is the default", field_path=".nics"),
             Rule("self.nics.all(a, self.nics.exists_one(b, b.network == a.network))",
                  "a guest has one NIC per network", field_path=".nics"),
-            Rule("self.dataVolumes.all(a, self.dataVolumes.exists_one(b, b.volume.name == a.volume.name))",
-                 "each volume is attached once", field_path=".dataVolumes"),
             Rule("!has(self.userData) || !has(self.userDataSecretRef)", "give userData or userDataSecretRef, not both",
                  field_path=".userData"),
         )
@@ -114,9 +107,6 @@ class VirtualMachineSpec(Model):
     )
     root_disk_size_gib: t.Annotated[int, Field(ge=1, le=65536)] | None = Field(
         None, alias="rootDiskSizeGiB", description="Root disk size; overrides the offering and template."
-    )
-    data_volumes: t.Annotated[list[DataVolumeAttachment], Field(max_length=24)] = Field(
-        default_factory=list, description="Data volumes to attach, in device order."
     )
     user_data: t.Annotated[str, Field(max_length=32768)] | None = Field(
         None, description="cloud-init user data, served by the network's virtual router and a config drive."

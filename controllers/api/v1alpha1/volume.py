@@ -20,6 +20,7 @@ from .common import (
     StrEnum,
     column,
     rules,
+    set_at_creation,
 )
 
 
@@ -68,10 +69,14 @@ class VolumeSpec(Model):
             Rule("!has(oldSelf.storagePool) || has(self.storagePool) && self.storagePool == oldSelf.storagePool",
                  "storagePool cannot change once set; migrate the volume instead", field_path=".storagePool",
                  reason="FieldValueForbidden"),
+            Rule("self.type != 'ROOT' || has(oldSelf.virtualMachine) == false || has(self.virtualMachine) && "
+                 "self.virtualMachine == oldSelf.virtualMachine",
+                 "a root volume stays attached to its guest", field_path=".virtualMachine"),
             Rule("has(self.sizeGiB) || has(self.diskOffering) || has(self.fromSnapshot) || self.type == 'ROOT'",
                  "give sizeGiB, a diskOffering with a size, or fromSnapshot", field_path=".sizeGiB"),
             Rule("!has(oldSelf.sizeGiB) || has(self.sizeGiB) && self.sizeGiB >= oldSelf.sizeGiB",
                  "volumes can grow but not shrink", field_path=".sizeGiB"),
+            set_at_creation("diskOffering", "fromSnapshot"),
         )
     )
 
@@ -91,6 +96,10 @@ class VolumeSpec(Model):
     )
     from_snapshot: t.Annotated[ObjectReference, IMMUTABLE] | None = Field(
         None, description="Create the volume from this Snapshot. Immutable."
+    )
+    virtual_machine: ObjectReference | None = Field(
+        None, description="Attach the volume to this VirtualMachine (same namespace), also while it runs; "
+        "remove to detach. Root volumes are attached by the controller."
     )
     snapshot_policies: t.Annotated[list[SnapshotPolicy], Field(max_length=4)] = Field(
         default_factory=list, description="Recurring snapshot schedules with retention."

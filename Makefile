@@ -1,0 +1,46 @@
+# The two commands: `make up` (a local cloud, left running) and `make test` (every test tier this
+# machine supports). Both install what a fresh machine lacks: Debian packages, uv and the locked
+# Python environment, and the Go-built kube-apiserver/kubectl/etcd (cached in ~/.cache/cumulo).
+
+SHELL := /bin/bash
+PYTHON ?= python3.11
+UV_VERSION := 0.13.9
+CACHE ?= $(HOME)/.cache/cumulo
+UV := $(CACHE)/uv-$(UV_VERSION)/bin/uv
+VENV := .venv
+export UV_PYTHON := $(PYTHON)
+export UV_PYTHON_DOWNLOADS := never
+export CUMULO_CACHE := $(CACHE)
+
+.PHONY: up down test deps system-deps python toolchain crds lint
+
+up: deps
+	$(VENV)/bin/cumulo up
+
+down:
+	@if [ -x $(VENV)/bin/cumulo ]; then $(VENV)/bin/cumulo down; else echo "nothing is running"; fi
+
+test: deps lint
+	$(VENV)/bin/pytest
+
+deps: system-deps python toolchain
+
+system-deps:
+	hack/install-system-deps
+
+$(UV):
+	$(PYTHON) -m venv $(CACHE)/uv-$(UV_VERSION)
+	$(CACHE)/uv-$(UV_VERSION)/bin/pip install --quiet uv==$(UV_VERSION)
+
+python: $(UV)
+	$(UV) sync --frozen --all-extras --quiet
+
+toolchain: python
+	$(VENV)/bin/cumulo toolchain
+
+crds: python
+	$(VENV)/bin/cumulo crds
+
+lint: python
+	$(VENV)/bin/cumulo crds --check
+	$(VENV)/bin/lint-imports
