@@ -48,6 +48,11 @@ class ClusterSpec(Model):
 class ClusterStatus(ResourceStatus):
     """Observed state of a cluster."""
 
+    effective_allocation_state: AllocationState | None = Field(
+        None, description="Enabled only when this object and every parent above it are Enabled; "
+        "the planner places only where this is Enabled."
+    )
+
     zone: str | None = Field(None, description="Zone of the cluster, from its pod.")
     capacity: Capacity | None = Field(None, description="Capacity of the cluster's Up, enabled hosts, ratios applied.")
     hosts: int | None = Field(None, description="Number of hosts in the cluster.")
@@ -69,6 +74,8 @@ class Cluster(
     ],
 ):
     """A cluster: hosts of one hypervisor type sharing primary storage; the unit of live migration."""
+
+    selectable_fields = (".spec.pod",)
 
     spec: ClusterSpec = Field(description="Desired state of the cluster.")
     status: ClusterStatus = Field(default_factory=ClusterStatus, description="Observed state of the cluster.")

@@ -12,7 +12,7 @@ import enum
 import typing as t
 
 from kube_custom_resource import CustomResource, schema
-from kube_custom_resource.custom_resource import Scope
+from kube_custom_resource.custom_resource import Metadata, Scope
 from pydantic import ConfigDict, Field, GetJsonSchemaHandler
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
@@ -22,6 +22,9 @@ from controllers.api.schema import structural_schema
 GROUP = "cumulo.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
+SYSTEM_NAMESPACE = "cumulo-system"
+"""Namespace of Cumulo's own objects: heartbeat Leases, the controller's leader Lease, system Secrets."""
+FINALIZER = f"{GROUP}/finalizer"
 
 
 class Model(schema.BaseModel):
@@ -32,8 +35,20 @@ class StrEnum(str, schema.Enum):
     """An enum serialised as its string value."""
 
 
+class ObjectMeta(Metadata):
+    """The object metadata Cumulo reads (kube-custom-resource's, plus generation)."""
+
+    generation: int | None = Field(None, description="Sequence number of the desired state (spec changes).")
+
+
 class Resource(CustomResource, abstract=True):
     """Base of every Cumulo kind. Subclasses pass CRD names and printer columns as class keywords."""
+
+    metadata: ObjectMeta = Field(description="Standard object metadata.")
+
+    selectable_fields: t.ClassVar[tuple[str, ...]] = ()
+    """JSON paths usable in field selectors (``kubectl get hosts --field-selector spec.cluster=c1``);
+    the controller looks up dependents with them. At most 8, scalar fields only."""
 
     @classmethod
     def model_json_schema(cls, *args: t.Any, **kwargs: t.Any) -> dict[str, t.Any]:

@@ -71,6 +71,29 @@ class HostSpec(Model):
     )
 
 
+HEARTBEAT_LABEL = "cumulo.io/heartbeat"
+"""Label on the coordination.k8s.io Leases agents renew as host heartbeats (value: the host name)."""
+
+
+
+def heartbeat_lease_name(host: str) -> str:
+    """Name of the host's heartbeat Lease in the system namespace."""
+    return f"host-{host}"
+
+
+SIMULATOR_FAULTS_ANNOTATION = "cumulo.io/simulator-faults"
+"""Host annotation with the simulator's fault injection, JSON: {operation: Fault}."""
+
+
+class StorageReport(Model):
+    """What the agent sees of one primary pool or image store from its host."""
+
+    reachable: bool = Field(description="The host can read and write it.")
+    message: str = Field("", description="Why not, when unreachable.")
+    capacity_bytes: int | None = Field(None, description="Size of the filesystem holding it, in bytes.")
+    used_bytes: int | None = Field(None, description="Space used on that filesystem, in bytes.")
+
+
 class NodeInfo(Model):
     """Facts the host agent reports about its node (owned by the agent)."""
 
@@ -87,13 +110,29 @@ class NodeInfo(Model):
     kernel_version: str | None = Field(None, description="Kernel release of the node.")
     agent_version: str | None = Field(None, description="Version of cumulo-agent.")
     private_ip: str | None = Field(None, description="Address the host is reached at on the management network.")
-    last_heartbeat_time: datetime.datetime | None = Field(
-        None, description="When the agent last renewed its heartbeat Lease."
+    hypervisor_healthy: bool | None = Field(
+        None, description="Whether the last call to the hypervisor succeeded."
     )
+    message: str = Field("", description="The hypervisor's last error, when unhealthy.")
+    storage_pools: dict[str, StorageReport] = Field(
+        default_factory=dict, description="Primary storage pools the host may use, by pool name."
+    )
+    image_stores: dict[str, StorageReport] = Field(
+        default_factory=dict, description="Image stores of the host's zone, by store name."
+    )
+    bridges: dict[str, bool] = Field(
+        default_factory=dict, description="Traffic-label bridges of the zone's physical networks: present or not."
+    )
+    reported_at: datetime.datetime | None = Field(None, description="When the agent last reported these facts.")
 
 
 class HostStatus(ResourceStatus):
     """Observed state of a host."""
+
+    effective_allocation_state: AllocationState | None = Field(
+        None, description="Enabled only when this object and every parent above it are Enabled; "
+        "the planner places only where this is Enabled."
+    )
 
     state: HostState | None = Field(None, description="Connection state: Connecting, Up, Disconnected, Alert, Down.")
     resource_state: ResourceState | None = Field(
@@ -124,6 +163,8 @@ class Host(
     ],
 ):
     """A hypervisor host, run by the cumulo-agent on its node."""
+
+    selectable_fields = (".spec.cluster",)
 
     spec: HostSpec = Field(description="Desired state of the host.")
     status: HostStatus = Field(default_factory=HostStatus, description="Observed state of the host.")

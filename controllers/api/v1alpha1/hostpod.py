@@ -55,6 +55,11 @@ class HostPodSpec(Model):
 class HostPodStatus(ResourceStatus):
     """Observed state of a pod."""
 
+    effective_allocation_state: AllocationState | None = Field(
+        None, description="Enabled only when this object and every parent above it are Enabled; "
+        "the planner places only where this is Enabled."
+    )
+
     capacity: Capacity | None = Field(None, description="Capacity summed over the pod's enabled clusters.")
     clusters: int | None = Field(None, description="Number of clusters in the pod.")
 
@@ -73,6 +78,8 @@ class HostPod(
     ],
 ):
     """A pod (CloudStack's HostPod): a rack of clusters sharing a management subnet within a zone."""
+
+    selectable_fields = (".spec.zone",)
 
     spec: HostPodSpec = Field(description="Desired state of the pod.")
     status: HostPodStatus = Field(default_factory=HostPodStatus, description="Observed state of the pod.")

@@ -66,5 +66,7 @@ class ImageStore(
 ):
     """An image store (secondary storage) of a zone: templates, ISOs and snapshot backups."""
 
+    selectable_fields = (".spec.zone",)
+
     spec: ImageStoreSpec = Field(description="Desired state of the image store.")
     status: ImageStoreStatus = Field(default_factory=ImageStoreStatus, description="Observed state of the store.")

@@ -132,5 +132,7 @@ class Network(
 ):
     """A guest network."""
 
+    selectable_fields = (".spec.zone", ".spec.networkOffering", ".status.physicalNetwork")
+
     spec: NetworkSpec = Field(description="Desired state of the network.")
     status: NetworkStatus = Field(default_factory=NetworkStatus, description="Observed state of the network.")

@@ -147,6 +147,8 @@ class PhysicalNetwork(
 ):
     """A physical network of a zone: isolation method, VLAN/VNI ranges, traffic labels and public ranges."""
 
+    selectable_fields = (".spec.zone",)
+
     spec: PhysicalNetworkSpec = Field(description="Desired state of the physical network.")
     status: PhysicalNetworkStatus = Field(
         default_factory=PhysicalNetworkStatus, description="Observed state of the physical network."

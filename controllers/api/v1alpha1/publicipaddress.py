@@ -71,5 +71,7 @@ class PublicIPAddress(
 ):
     """A public IP address of an isolated network."""
 
+    selectable_fields = (".spec.network", ".spec.zone")
+
     spec: PublicIPAddressSpec = Field(description="Desired state of the address.")
     status: PublicIPAddressStatus = Field(default_factory=PublicIPAddressStatus, description="Observed state.")

@@ -70,5 +70,7 @@ class Snapshot(
 ):
     """A volume snapshot, backed up to the zone's image store."""
 
+    selectable_fields = (".spec.volume.name",)
+
     spec: SnapshotSpec = Field(description="Which volume to snapshot.")
     status: SnapshotStatus = Field(default_factory=SnapshotStatus, description="Observed state of the snapshot.")

@@ -151,5 +151,7 @@ class StoragePool(
 ):
     """A primary storage pool holding guest root and data disks."""
 
+    selectable_fields = (".spec.zone", ".spec.scope", ".spec.cluster", ".spec.host")
+
     spec: StoragePoolSpec = Field(description="Desired state of the pool.")
     status: StoragePoolStatus = Field(default_factory=StoragePoolStatus, description="Observed state of the pool.")

@@ -151,5 +151,7 @@ class Template(
 ):
     """A template or ISO: an image guests boot from, kept in the zone's image store."""
 
+    selectable_fields = (".spec.zone",)
+
     spec: TemplateSpec = Field(description="Where the image comes from and how guests use it.")
     status: TemplateStatus = Field(default_factory=TemplateStatus, description="Observed state of the template.")

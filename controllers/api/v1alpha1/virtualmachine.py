@@ -219,5 +219,7 @@ class VirtualMachine(
 ):
     """A guest virtual machine."""
 
+    selectable_fields = (".spec.zone", ".spec.serviceOffering", ".status.placement.host")
+
     spec: VirtualMachineSpec = Field(description="Desired state of the guest.")
     status: VirtualMachineStatus = Field(default_factory=VirtualMachineStatus, description="Observed state.")

@@ -134,5 +134,7 @@ class Volume(
 ):
     """A volume: a guest disk on primary storage."""
 
+    selectable_fields = (".spec.zone", ".spec.diskOffering", ".status.storagePool", ".spec.virtualMachine.name")
+
     spec: VolumeSpec = Field(description="Desired state of the volume.")
     status: VolumeStatus = Field(default_factory=VolumeStatus, description="Observed state of the volume.")

@@ -1,0 +1,31 @@
+"""Every resource type the controller watches, with how to reach and parse it."""
+
+from __future__ import annotations
+
+from controllers.api import v1alpha1 as api
+from controllers.api.v1alpha1.host import HEARTBEAT_LABEL, HOST_LABEL
+from controllers.hostmonitor import Lease
+from controllers.runtime import Kind, cumulo_kind
+
+ZONES = cumulo_kind(api.Zone)
+HOSTPODS = cumulo_kind(api.HostPod)
+CLUSTERS = cumulo_kind(api.Cluster)
+HOSTS = cumulo_kind(api.Host)
+STORAGEPOOLS = cumulo_kind(api.StoragePool)
+IMAGESTORES = cumulo_kind(api.ImageStore)
+PHYSICALNETWORKS = cumulo_kind(api.PhysicalNetwork)
+SERVICEOFFERINGS = cumulo_kind(api.ServiceOffering)
+DISKOFFERINGS = cumulo_kind(api.DiskOffering)
+NETWORKOFFERINGS = cumulo_kind(api.NetworkOffering)
+TEMPLATES = cumulo_kind(api.Template)
+VIRTUALMACHINES = cumulo_kind(api.VirtualMachine)
+VOLUMES = cumulo_kind(api.Volume)
+SNAPSHOTS = cumulo_kind(api.Snapshot)
+NETWORKS = cumulo_kind(api.Network)
+PUBLICIPADDRESSES = cumulo_kind(api.PublicIPAddress)
+LEASES = Kind("leases", "coordination.k8s.io", "v1", True, lambda raw: Lease.parse(raw, HOST_LABEL), "Lease",
+              selector=HEARTBEAT_LABEL)
+
+ALL = (ZONES, HOSTPODS, CLUSTERS, HOSTS, STORAGEPOOLS, IMAGESTORES, PHYSICALNETWORKS, SERVICEOFFERINGS,
+       DISKOFFERINGS, NETWORKOFFERINGS, TEMPLATES, VIRTUALMACHINES, VOLUMES, SNAPSHOTS, NETWORKS, PUBLICIPADDRESSES,
+       LEASES)

@@ -1,0 +1,117 @@
+"""The controller's writes and authoritative reads, through the Kubernetes API.
+
+The blocking ``kubernetes`` client runs in worker threads; every call is a single request. Status is
+written with JSON merge patches of only what changed; finalizers with a merge patch carrying the
+resourceVersion they were computed from, so a concurrent change fails the write instead of being lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import socket
+import typing as t
+import uuid
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from controllers.runtime import Conflict, Kind
+
+
+def load_client(kubeconfig: str | None = None) -> client.ApiClient:
+    if kubeconfig:
+        return config.new_client_from_config(config_file=kubeconfig)
+    try:
+        config.load_incluster_config()
+        return client.ApiClient()
+    except config.ConfigException:
+        return config.new_client_from_config()
+
+
+class KubeApi:
+    def __init__(self, api_client: client.ApiClient, component: str = "cumulo-controller"):
+        self.client = api_client
+        self.custom = client.CustomObjectsApi(api_client)
+        self.component = component
+        self.instance = f"{component}-{socket.gethostname()}"
+        self.writes = 0
+
+    async def _call(self, function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> t.Any:
+        try:
+            return await asyncio.to_thread(function, *args, **kwargs)
+        except ApiException as error:
+            if error.status == 409:  # the object moved on since the resourceVersion we wrote against
+                raise Conflict(error.reason) from error
+            raise
+
+    async def list_selected(self, kind: Kind, field_selector: str) -> list[dict]:
+        """Objects of ``kind`` matching a field selector (CRD selectableFields), at most a few."""
+        body = await self._call(self.custom.list_cluster_custom_object, kind.group, kind.version, kind.plural,
+                                field_selector=field_selector, limit=10)
+        return body.get("items", [])
+
+    async def list(self, kind: Kind) -> list[dict]:
+        """Every object of ``kind`` (in every namespace), restricted by the kind's label selector."""
+        kwargs = {"label_selector": kind.selector} if kind.selector else {}
+        body = await self._call(self.custom.list_cluster_custom_object, kind.group, kind.version, kind.plural,
+                                **kwargs)
+        api_version, kind_name = body.get("apiVersion"), body.get("kind", "").removesuffix("List")
+        items = body.get("items", [])
+        for item in items:  # list items carry no apiVersion/kind
+            item.setdefault("apiVersion", api_version)
+            item.setdefault("kind", kind_name)
+        return items
+
+    async def patch_status(self, kind: Kind, name: str, namespace: str | None, status_patch: dict) -> dict:
+        self.writes += 1
+        body = {"status": status_patch}
+        if kind.namespaced:
+            return await self._call(self.custom.patch_namespaced_custom_object_status, kind.group, kind.version,
+                                    namespace, kind.plural, name, body, _content_type="application/merge-patch+json")
+        return await self._call(self.custom.patch_cluster_custom_object_status, kind.group, kind.version,
+                                kind.plural, name, body, _content_type="application/merge-patch+json")
+
+    async def set_finalizers(self, kind: Kind, name: str, namespace: str | None, resource_version: str,
+                             wanted: list[str]) -> None:
+        """Replace the finalizer list, only if the object is still at ``resource_version`` (else Conflict)."""
+        self.writes += 1
+        body = {"metadata": {"finalizers": wanted, "resourceVersion": resource_version}}
+        try:
+            if kind.namespaced:
+                await self._call(self.custom.patch_namespaced_custom_object, kind.group, kind.version, namespace,
+                                 kind.plural, name, body, _content_type="application/merge-patch+json")
+            else:
+                await self._call(self.custom.patch_cluster_custom_object, kind.group, kind.version, kind.plural,
+                                 name, body, _content_type="application/merge-patch+json")
+        except ApiException as error:
+            if error.status != 404:  # already gone is fine
+                raise
+
+    async def record_event(self, kind: Kind, obj: t.Any, type_: str, reason: str, note: str) -> None:
+        """Post an events.k8s.io/v1 Event about ``obj`` (cluster-scoped objects' events go to default)."""
+        self.writes += 1
+        meta = obj.metadata
+        namespace = meta.namespace or "default"
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        event = {
+            "apiVersion": "events.k8s.io/v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta.name}.{uuid.uuid4().hex[:12]}", "namespace": namespace},
+            "eventTime": now,
+            "type": type_,
+            "reason": reason,
+            "action": reason,
+            "note": note[:1024],
+            "reportingController": f"cumulo.io/{self.component}",
+            "reportingInstance": self.instance[:128],
+            "regarding": {"apiVersion": kind.api_version, "kind": kind.kind, "name": meta.name,
+                          "namespace": meta.namespace, "uid": meta.uid,
+                          "resourceVersion": meta.resource_version},
+        }
+        try:
+            await self._call(self.custom.create_namespaced_custom_object, "events.k8s.io", "v1", namespace,
+                             "events", event)
+        except ApiException as error:  # events are best effort; never fail a reconcile on them
+            if error.status not in (403, 404, 409, 422):
+                raise

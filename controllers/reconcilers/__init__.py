@@ -1,0 +1,20 @@
+"""One reconciler per kind."""
+
+from controllers.reconcilers.cluster import ClusterReconciler
+from controllers.reconcilers.host import HostReconciler
+from controllers.reconcilers.hostpod import HostPodReconciler
+from controllers.reconcilers.imagestore import ImageStoreReconciler
+from controllers.reconcilers.offerings import (
+    DiskOfferingReconciler,
+    NetworkOfferingReconciler,
+    ServiceOfferingReconciler,
+)
+from controllers.reconcilers.physicalnetwork import PhysicalNetworkReconciler
+from controllers.reconcilers.storagepool import StoragePoolReconciler
+from controllers.reconcilers.zone import ZoneReconciler
+
+INFRASTRUCTURE = (
+    ZoneReconciler, HostPodReconciler, ClusterReconciler, HostReconciler, StoragePoolReconciler,
+    ImageStoreReconciler, PhysicalNetworkReconciler, ServiceOfferingReconciler, DiskOfferingReconciler,
+    NetworkOfferingReconciler,
+)

@@ -1,0 +1,147 @@
+"""What every infrastructure reconciler does: finalizer, dependents that block deletion, status, events."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+import typing as t
+
+from controllers.api.v1alpha1.common import FINALIZER, Resource
+from controllers.conditions import READY, find
+from controllers.inventory import Context
+from controllers.runtime import Key, Reconciler, Result, deleting, status_patch, utcnow
+
+log = logging.getLogger(__name__)
+
+# A deletion blocked by dependents is re-checked on their events; this is only the safety net.
+BLOCKED_RECHECK_SECONDS = 60.0
+
+
+def get_path(obj: t.Any, path: str) -> t.Any:
+    """The value at a JSON path like ``.spec.zone`` (wire names) on a parsed object, or None."""
+    value = obj
+    for segment in path.strip(".").split("."):
+        if value is None:
+            return None
+        fields = type(value).model_fields
+        attribute = next((name for name, field in fields.items() if (field.alias or name) == segment), segment)
+        value = getattr(value, attribute, None)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Dependents:
+    """Objects of ``plural`` that point at the reconciled object through ``path`` (a selectable field, so
+    the API can confirm the store's answer before a deletion completes), or through ``values`` when the
+    reference is not a selectable scalar."""
+
+    plural: str
+    path: str
+    values: t.Callable[[t.Any], t.Iterable[str]] | None = None
+
+    @property
+    def index(self) -> str:
+        return self.path
+
+    def indexer(self) -> t.Callable[[t.Any], t.Iterable[str]]:
+        if self.values is not None:
+            return self.values
+        path = self.path
+        return lambda obj: [value] if (value := get_path(obj, path)) is not None else []
+
+
+class InventoryReconciler(Reconciler, abc.ABC):
+    """Reconcile = finalizer + dependents check + ``derive()`` (pure) + status patch + events."""
+
+    dependents: t.ClassVar[tuple[Dependents, ...]] = ()
+    agent_status_keys: t.ClassVar[tuple[str, ...]] = ()
+    """Status keys another writer (the host agent) owns; never patched here."""
+
+    def setup(self) -> None:
+        for dependent in self.dependents:
+            self.store.define_index(dependent.plural, dependent.index, dependent.indexer())
+
+    def index(self, plural: str, name: str, values: t.Callable[[t.Any], t.Iterable[str]]) -> None:
+        self.store.define_index(plural, name, values)
+
+    def watch_map(self) -> dict[str, t.Callable[[t.Any], t.Iterable[Key]]]:
+        watches: dict[str, list[t.Callable[[t.Any], t.Iterable[Key]]]] = {}
+        for dependent in self.dependents:
+            watches.setdefault(dependent.plural, []).append(self._keys_via(dependent.indexer()))
+        for plural, mapper in self.extra_watches().items():
+            watches.setdefault(plural, []).append(mapper)
+        return {plural: self._combine(mappers) for plural, mappers in watches.items()}
+
+    def _keys_via(self, values: t.Callable[[t.Any], t.Iterable[str]]) -> t.Callable[[t.Any], t.Iterable[Key]]:
+        return lambda obj: [self.key(value) for value in values(obj)]
+
+    @staticmethod
+    def _combine(mappers: list[t.Callable[[t.Any], t.Iterable[Key]]]) -> t.Callable[[t.Any], t.Iterable[Key]]:
+        return lambda obj: [key for mapper in mappers for key in mapper(obj)]
+
+    def extra_watches(self) -> dict[str, t.Callable[[t.Any], t.Iterable[Key]]]:
+        """Kinds besides dependents whose changes alter this kind's status (children's capacity...)."""
+        return {}
+
+    def blocked_by(self, obj: Resource) -> list[str]:
+        names = []
+        for dependent in self.dependents:
+            kind = self.store.kinds[dependent.plural].kind
+            for other in self.store.by(dependent.plural, dependent.index, obj.metadata.name):
+                namespace = f"{other.metadata.namespace}/" if other.metadata.namespace else ""
+                names.append(f"{kind} {namespace}{other.metadata.name}")
+        return names
+
+    async def confirmed_free(self, obj: Resource) -> bool:
+        """Ask the API itself, not the store, before letting a deletion through."""
+        for dependent in self.dependents:
+            if dependent.values is not None:
+                continue  # not selectable; the primed store is the authority
+            kind = self.store.kinds[dependent.plural]
+            if await self.runtime.api.list_selected(kind, f"{dependent.path.strip('.')}={obj.metadata.name}"):
+                return False
+        return True
+
+    @abc.abstractmethod
+    def derive(self, obj: t.Any, ctx: Context) -> t.Any:
+        """The status ``obj`` should have, from the store (pure apart from store reads)."""
+
+    async def reconcile(self, obj: t.Any) -> Result:
+        finalizers = list(obj.metadata.finalizers)
+        blocked: list[str] = []
+        if deleting(obj):
+            blocked = self.blocked_by(obj)
+            if not blocked and FINALIZER in finalizers and await self.confirmed_free(obj):
+                await self.runtime.api.set_finalizers(self.kind, obj.metadata.name, obj.metadata.namespace,
+                                                      obj.metadata.resource_version,
+                                                      [f for f in finalizers if f != FINALIZER])
+                return Result()
+        elif FINALIZER not in finalizers:
+            await self.runtime.api.set_finalizers(self.kind, obj.metadata.name, obj.metadata.namespace,
+                                                  obj.metadata.resource_version, [*finalizers, FINALIZER])
+        ctx = Context(now=utcnow(), blocked_by=tuple(blocked), deleting=deleting(obj))
+        status = self.derive(obj, ctx)
+        await self.write_status(obj, status)
+        return Result(BLOCKED_RECHECK_SECONDS) if blocked else self.requeue(obj)
+
+    def requeue(self, obj: t.Any) -> Result:
+        return Result()
+
+    async def write_status(self, obj: Resource, status: t.Any) -> None:
+        patch = status_patch(obj, status, self.agent_status_keys)
+        if patch is None:
+            return
+        await self.runtime.api.patch_status(self.kind, obj.metadata.name, obj.metadata.namespace, patch)
+        await self.announce(obj, status)
+
+    async def announce(self, obj: Resource, status: t.Any) -> None:
+        """An Event whenever the phase or the Ready reason changes."""
+        old_ready, new_ready = find(obj.status.conditions, READY), find(status.conditions, READY)
+        old = (obj.status.phase, old_ready.reason if old_ready else None)
+        new = (status.phase, new_ready.reason if new_ready else None)
+        if old == new or new_ready is None:
+            return
+        type_ = "Normal" if new_ready.status.value == "True" or status.phase == "Deleting" else "Warning"
+        note = f"{status.phase}: {new_ready.message or new_ready.reason}"
+        await self.runtime.api.record_event(self.kind, obj, type_, new_ready.reason, note)

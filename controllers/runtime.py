@@ -1,0 +1,383 @@
+"""A small reconcile runtime on kopf, in the shape of controller-runtime.
+
+kopf streams watch events for every kind the controller cares about (``@kopf.on.event`` only, so
+kopf persists nothing on the objects). Each event updates one shared in-memory :class:`Store` and
+enqueues keys on a de-duplicating :class:`WorkQueue`: the object's own key, and the keys other
+kinds' reconcilers derive from it (a Host change enqueues its Cluster, a Cluster change its Hosts).
+Workers then run one level-based ``reconcile()`` per key, never two at once for the same key.
+
+The store is primed with one LIST per kind before the workers start, so a reconcile never sees a
+half-filled world (for example, a Zone whose HostPods were not listed yet looking deletable).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import collections
+import dataclasses
+import datetime
+import logging
+import time
+import typing as t
+
+from controllers.api.v1alpha1.common import API_VERSION, FINALIZER, GROUP, VERSION, Resource
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str | None, str]
+"""(plural, namespace or None, name)."""
+
+
+def key_of(plural: str, raw: t.Mapping[str, t.Any]) -> Key:
+    meta = raw["metadata"]
+    return plural, meta.get("namespace"), meta["name"]
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kinds
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """How to reach one resource type through the API and how to parse its objects."""
+
+    plural: str
+    group: str
+    version: str
+    namespaced: bool
+    parse: t.Callable[[dict], t.Any]
+    kind: str = ""
+    selector: str | None = None
+    """Server-side label selector for watching and listing, when only some objects matter."""
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+
+def cumulo_kind(model: type[Resource]) -> Kind:
+    meta = model._meta
+    return Kind(meta.plural_name, GROUP, VERSION, meta.scope.value == "Namespaced", model.model_validate, meta.kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# Store
+# ---------------------------------------------------------------------------------------------
+
+
+class Store:
+    """Parsed objects of every watched kind, with secondary indexes; the controller's view of the world."""
+
+    def __init__(self, kinds: t.Iterable[Kind]):
+        self.kinds = {kind.plural: kind for kind in kinds}
+        self._objects: dict[str, dict[tuple[str | None, str], t.Any]] = {plural: {} for plural in self.kinds}
+        self._raw_versions: dict[Key, str] = {}
+        self._indexers: dict[tuple[str, str], t.Callable[[t.Any], t.Iterable[str]]] = {}
+        self._indexes: dict[tuple[str, str], dict[str, set[tuple[str | None, str]]]] = {}
+
+    def define_index(self, plural: str, name: str, values: t.Callable[[t.Any], t.Iterable[str]]) -> None:
+        self._indexers[plural, name] = values
+        index: dict[str, set] = collections.defaultdict(set)
+        for object_key, obj in self._objects[plural].items():
+            for value in values(obj):
+                index[value].add(object_key)
+        self._indexes[plural, name] = index
+
+    def upsert(self, plural: str, raw: dict) -> tuple[t.Any | None, t.Any]:
+        """Store a new version of an object; return (previous parsed object or None, new one)."""
+        key = key_of(plural, raw)
+        object_key = key[1:]
+        old = self._objects[plural].get(object_key)
+        version = raw["metadata"].get("resourceVersion", "")
+        if old is not None and self._raw_versions.get(key) == version:
+            return old, old
+        new = self.kinds[plural].parse(raw)
+        self._objects[plural][object_key] = new
+        self._raw_versions[key] = version
+        self._reindex(plural, object_key, old, new)
+        return old, new
+
+    def remove(self, plural: str, raw: dict) -> t.Any | None:
+        key = key_of(plural, raw)
+        old = self._objects[plural].pop(key[1:], None)
+        self._raw_versions.pop(key, None)
+        if old is not None:
+            self._reindex(plural, key[1:], old, None)
+        return old
+
+    def _reindex(self, plural: str, object_key, old, new) -> None:
+        for (indexed_plural, name), values in self._indexers.items():
+            if indexed_plural != plural:
+                continue
+            index = self._indexes[plural, name]
+            for value in values(old) if old is not None else ():
+                index[value].discard(object_key)
+            for value in values(new) if new is not None else ():
+                index[value].add(object_key)
+
+    def get(self, plural: str, name: str | None, namespace: str | None = None) -> t.Any | None:
+        if name is None:
+            return None
+        return self._objects[plural].get((namespace, name))
+
+    def list(self, plural: str) -> list[t.Any]:
+        return list(self._objects[plural].values())
+
+    def by(self, plural: str, index: str, value: str | None) -> list[t.Any]:
+        if value is None:
+            return []
+        objects = self._objects[plural]
+        return [objects[k] for k in sorted(self._indexes[plural, index].get(value, ()), key=str) if k in objects]
+
+
+# ---------------------------------------------------------------------------------------------
+# Work queue
+# ---------------------------------------------------------------------------------------------
+
+
+class WorkQueue:
+    """Keys waiting to be reconciled. A key is queued at most once and never processed twice at the
+    same time; one added while it is being processed is processed again afterwards."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Key] = asyncio.Queue()
+        self._queued: set[Key] = set()
+        self._active: set[Key] = set()
+        self._dirty: set[Key] = set()
+        self._timers: dict[Key, asyncio.TimerHandle] = {}
+
+    def add(self, key: Key) -> None:
+        if key in self._active:
+            self._dirty.add(key)
+        elif key not in self._queued:
+            self._queued.add(key)
+            self._queue.put_nowait(key)
+
+    def add_after(self, key: Key, delay: float) -> None:
+        """Queue ``key`` after ``delay`` seconds; an earlier pending request wins."""
+        if delay <= 0:
+            self.add(key)
+            return
+        loop = asyncio.get_running_loop()
+        due = loop.time() + delay
+        timer = self._timers.get(key)
+        if timer is not None and not timer.cancelled():
+            if timer.when() <= due:
+                return
+            timer.cancel()
+        self._timers[key] = loop.call_at(due, self._fire, key)
+
+    def _fire(self, key: Key) -> None:
+        self._timers.pop(key, None)
+        self.add(key)
+
+    async def get(self) -> Key:
+        key = await self._queue.get()
+        self._queued.discard(key)
+        self._active.add(key)
+        return key
+
+    def done(self, key: Key) -> None:
+        self._active.discard(key)
+        if key in self._dirty:
+            self._dirty.discard(key)
+            self.add(key)
+
+    def __len__(self) -> int:
+        return len(self._queued)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reconcilers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    requeue_after: float | None = None
+    """Reconcile again after this many seconds even without events (time-based transitions, polling)."""
+
+
+Mapper = t.Callable[[t.Any], t.Iterable[Key]]
+
+
+class Reconciler(abc.ABC):
+    """One per kind; see ``watch_map`` for how other kinds' changes reach it."""
+
+    kind: Kind
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+
+    @property
+    def store(self) -> Store:
+        return self.runtime.store
+
+    def key(self, name: str, namespace: str | None = None) -> Key:
+        return self.kind.plural, namespace, name
+
+    def setup(self) -> None:
+        """Define the store indexes this reconciler needs."""
+
+    def watch_map(self) -> dict[str, Mapper]:
+        """Other kinds whose changes matter here: plural -> function giving the keys of ours to reconcile."""
+        return {}
+
+    @abc.abstractmethod
+    async def reconcile(self, obj: t.Any) -> Result:
+        """Compare the world with ``obj``'s spec, take the next step, record it in status."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtime
+# ---------------------------------------------------------------------------------------------
+
+
+class Runtime:
+    """Ties the store, the queue, the API and the reconcilers together."""
+
+    def __init__(self, api: t.Any, kinds: t.Iterable[Kind], reconcilers: t.Iterable[type[Reconciler]],
+                 workers: int = 4, events: t.Any = None):
+        self.api = api
+        self.events = events
+        self.store = Store(kinds)
+        self.queue = WorkQueue()
+        self.reconcilers: dict[str, Reconciler] = {}
+        self.watchers: dict[str, list[tuple[Reconciler, Mapper]]] = collections.defaultdict(list)
+        for reconciler_class in reconcilers:
+            reconciler = reconciler_class(self)
+            self.reconcilers[reconciler.kind.plural] = reconciler
+        for reconciler in self.reconcilers.values():
+            reconciler.setup()
+            for plural, mapper in reconciler.watch_map().items():
+                self.watchers[plural].append((reconciler, mapper))
+        self.worker_count = workers
+        self._backoff: dict[Key, float] = {}
+        self._tasks: list[asyncio.Task] = []
+        self.started = asyncio.Event()
+        self.reconciles = 0
+
+    async def prime(self) -> None:
+        """LIST every kind into the store before any reconcile runs."""
+        for kind in self.store.kinds.values():
+            for raw in await self.api.list(kind):
+                self.store.upsert(kind.plural, raw)
+        for reconciler in self.reconcilers.values():
+            for obj in self.store.list(reconciler.kind.plural):
+                self.queue.add(reconciler.key(obj.metadata.name, obj.metadata.namespace))
+
+    async def start(self) -> None:
+        await self.prime()
+        self._tasks = [asyncio.create_task(self._work(), name=f"reconcile-worker-{i}")
+                       for i in range(self.worker_count)]
+        self.started.set()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def observe(self, plural: str, event_type: str | None, raw: dict) -> None:
+        """Feed one watch event (kopf's ``on.event``) into the store and queue."""
+        if event_type == "DELETED":
+            old, new = self.store.remove(plural, raw), None
+        else:
+            old, new = self.store.upsert(plural, raw)
+            if old is new:
+                return  # a resync of a version we already have
+        if plural in self.reconcilers:
+            self.queue.add(key_of(plural, raw))
+        for reconciler, mapper in self.watchers.get(plural, ()):
+            keys = set()
+            for version in (old, new):
+                if version is not None:
+                    keys.update(mapper(version))
+            for key in keys:
+                self.queue.add(key)
+
+    async def _work(self) -> None:
+        while True:
+            key = await self.queue.get()
+            try:
+                await self._reconcile(key)
+            finally:
+                self.queue.done(key)
+
+    async def _reconcile(self, key: Key) -> None:
+        plural, namespace, name = key
+        obj = self.store.get(plural, name, namespace)
+        if obj is None:
+            return
+        reconciler = self.reconcilers[plural]
+        started = time.monotonic()
+        try:
+            result = await reconciler.reconcile(obj)
+        except Conflict as error:
+            # Someone changed the object under us; its watch event brings the new version.
+            log.debug("conflict reconciling %s: %s", key, error)
+            self.queue.add_after(key, 0.5)
+            return
+        except Exception:
+            delay = min(self._backoff.get(key, 0.5) * 2, 60.0)
+            self._backoff[key] = delay
+            log.exception("reconciling %s/%s failed; retrying in %.0fs", plural, name, delay)
+            self.queue.add_after(key, delay)
+            return
+        self.reconciles += 1
+        self._backoff.pop(key, None)
+        log.debug("reconciled %s in %.1f ms", key, (time.monotonic() - started) * 1000)
+        if result.requeue_after is not None:
+            self.queue.add_after(key, result.requeue_after)
+
+
+class Conflict(Exception):
+    """The API refused a write because the object changed (HTTP 409, or a failed JSON-patch test)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Status and finalizer writes
+# ---------------------------------------------------------------------------------------------
+
+
+def merge_patch(old: t.Any, new: t.Any) -> t.Any:
+    """The RFC 7386 merge patch turning ``old`` into ``new`` (None when they are equal)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return None if old == new else new
+    patch: dict[str, t.Any] = {}
+    for key in old.keys() - new.keys():
+        patch[key] = None
+    for key, value in new.items():
+        if key not in old:
+            patch[key] = value
+        else:
+            sub = merge_patch(old[key], value)
+            if sub is not None and sub != {}:
+                patch[key] = sub
+    return patch or None
+
+
+def status_patch(obj: Resource, status: t.Any, agent_keys: t.Collection[str] = ()) -> dict | None:
+    """The merge patch of ``status`` that turns the object's current status into ``status``, leaving
+    fields another writer owns (``agent_keys``) alone; None when nothing changes."""
+    exclude = set(agent_keys)
+    current = obj.status.model_dump(mode="json", by_alias=True, exclude_none=True, exclude=exclude)
+    wanted = status.model_dump(mode="json", by_alias=True, exclude_none=True, exclude=exclude)
+    return merge_patch(current, wanted)
+
+
+def api_version_kind(obj: Resource) -> tuple[str, str]:
+    return API_VERSION, type(obj)._meta.kind
+
+
+def has_finalizer(obj: Resource) -> bool:
+    return FINALIZER in obj.metadata.finalizers
+
+
+def deleting(obj: Resource) -> bool:
+    return obj.metadata.deletion_timestamp is not None
