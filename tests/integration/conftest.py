@@ -45,3 +45,63 @@ def kube(control_plane: envtest.ControlPlane) -> Iterator[ApiClient]:
     """An admin kubernetes.client.ApiClient."""
     with control_plane.api_client() as api:
         yield api
+
+
+class Process:
+    """A Cumulo process started for a test, with its log; stopped (and reaped) at teardown."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path):
+        import subprocess
+
+        self.name, self.log_path = name, log_path
+        self._log = log_path.open("ab")
+        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 30) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if self.popen.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.popen.returncode}:\n{self.log()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} did not log {text!r} within {timeout}s:\n{self.log()[-4000:]}")
+            time.sleep(0.05)
+
+    def stop(self, kill: bool = False) -> None:
+        import signal
+        import subprocess
+
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log.close()
+
+
+def ensure_namespace(plane: envtest.ControlPlane, name: str) -> None:
+    plane.kubectl("create", "namespace", name, check=False)
+
+
+@pytest.fixture(scope="session")
+def controller(control_plane: envtest.ControlPlane) -> Iterator[Process]:
+    """cumulo-controller running against the session's control plane (hosts go to Alert 5 s after they
+    stop heartbeating, so tests see the whole sequence quickly)."""
+    import sys
+
+    ensure_namespace(control_plane, "cumulo-system")
+    process = Process("cumulo-controller", [
+        str(Path(sys.executable).with_name("cumulo-controller")), "--kubeconfig", str(control_plane.admin_kubeconfig),
+        "--host-alert-after", "5", "--log-level", "DEBUG",
+    ], control_plane.workdir / "cumulo-controller.log")
+    try:
+        process.wait_for_log("reconciling with")
+        yield process
+    finally:
+        process.stop()
