@@ -1,0 +1,292 @@
+"""The deployment planner and capacity ledger (pure: no kopf, no I/O).
+
+Like CloudStack's DeploymentPlanner + HostAllocators + CapacityManager: filters remove hosts that
+cannot take a guest, an allocator picks among the rest, and the ledger reserves the guest's CPU and
+memory on the chosen host before anything acts on it. The ledger is rebuilt from the placements
+recorded in the VirtualMachine objects when the controller starts, and the controller records a
+placement before any agent acts, so a crash never loses or doubles a reservation.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import random
+import typing as t
+
+from controllers.api.v1alpha1.zone import AllocationAlgorithm
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolCandidate:
+    """A primary storage pool as the planner sees it."""
+
+    name: str
+    scope: str  # Host, Cluster or Zone
+    scope_name: str  # the host, cluster or zone it belongs to
+    tags: frozenset[str]
+    usable: bool  # enabled, Up
+    hosts: frozenset[str]  # hosts that report it reachable
+    capacity_bytes: int  # after overprovisioning
+    allocated_bytes: int
+    local: bool  # host-local storage (Filesystem)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostCandidate:
+    """A host as the planner sees it: placement facts, nothing live."""
+
+    name: str
+    zone: str
+    pod: str
+    cluster: str
+    hypervisor: str
+    tags: frozenset[str]
+    cpu_total: int  # after the cluster's overcommit ratio
+    memory_total_mib: int
+    unusable: str = ""  # why no guest may go here ("Disconnected", "Disabled", ...), "" when usable
+
+
+@dataclasses.dataclass(frozen=True)
+class AffinityRule:
+    """An affinity group the guest belongs to, with the hosts its other members run on."""
+
+    group: str
+    kind: str  # HostAffinity, HostAntiAffinity, NonStrictHostAffinity, NonStrictHostAntiAffinity
+    member_hosts: frozenset[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What one guest needs."""
+
+    key: str  # namespace/name of the VirtualMachine
+    owner: str  # its namespace (UserDispersing spreads one owner's guests)
+    zone: str
+    cpu: int
+    memory_mib: int
+    hypervisor: str
+    host_tags: frozenset[str] = frozenset()
+    storage_type: str = "shared"  # local or shared
+    storage_tags: frozenset[str] = frozenset()
+    disk_bytes: int = 0  # the root disk to place with the guest
+    affinity: tuple[AffinityRule, ...] = ()
+    pod: str | None = None
+    cluster: str | None = None
+    host: str | None = None  # admin pins
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    host: str | None
+    pool: str | None
+    reason: str  # Scheduled, or why not: InsufficientCapacity, NoMatchingHost, InsufficientStorage, ...
+    message: str
+
+    @property
+    def ok(self) -> bool:
+        return self.host is not None
+
+
+@dataclasses.dataclass
+class Reservation:
+    host: str
+    cpu: int
+    memory_mib: int
+    owner: str
+
+
+class Ledger:
+    """Reserved CPU and memory per host, by guest; the single source of truth for free capacity."""
+
+    def __init__(self) -> None:
+        self._by_guest: dict[str, Reservation] = {}
+        self._cpu: collections.Counter[str] = collections.Counter()
+        self._memory: collections.Counter[str] = collections.Counter()
+        self._owners: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        self._pool_bytes: collections.Counter[str] = collections.Counter()
+        self._pool_by_volume: dict[str, tuple[str, int]] = {}
+
+    def reserve(self, key: str, host: str, cpu: int, memory_mib: int, owner: str) -> None:
+        self.release(key)
+        self._by_guest[key] = Reservation(host, cpu, memory_mib, owner)
+        self._cpu[host] += cpu
+        self._memory[host] += memory_mib
+        self._owners[host][owner] += 1
+
+    def release(self, key: str) -> Reservation | None:
+        reservation = self._by_guest.pop(key, None)
+        if reservation is not None:
+            self._cpu[reservation.host] -= reservation.cpu
+            self._memory[reservation.host] -= reservation.memory_mib
+            self._owners[reservation.host][reservation.owner] -= 1
+        return reservation
+
+    def reserve_disk(self, volume_key: str, pool: str, size_bytes: int) -> None:
+        self.release_disk(volume_key)
+        self._pool_by_volume[volume_key] = (pool, size_bytes)
+        self._pool_bytes[pool] += size_bytes
+
+    def release_disk(self, volume_key: str) -> None:
+        entry = self._pool_by_volume.pop(volume_key, None)
+        if entry is not None:
+            self._pool_bytes[entry[0]] -= entry[1]
+
+    def reservation(self, key: str) -> Reservation | None:
+        return self._by_guest.get(key)
+
+    def used(self, host: str) -> tuple[int, int]:
+        return self._cpu[host], self._memory[host]
+
+    def pool_allocated(self, pool: str) -> int:
+        return self._pool_bytes[pool]
+
+    def owner_count(self, host: str, owner: str) -> int:
+        return self._owners[host][owner]
+
+
+# ---------------------------------------------------------------------------------------------
+# Filters
+# ---------------------------------------------------------------------------------------------
+
+
+def _pinned(request: Request, host: HostCandidate) -> str:
+    if request.host and host.name != request.host:
+        return f"not the pinned host {request.host}"
+    if request.cluster and host.cluster != request.cluster:
+        return f"not in the pinned cluster {request.cluster}"
+    if request.pod and host.pod != request.pod:
+        return f"not in the pinned pod {request.pod}"
+    return ""
+
+
+def _tags(request: Request, host: HostCandidate) -> str:
+    missing = request.host_tags - host.tags
+    return f"lacks host tags {sorted(missing)}" if missing else ""
+
+
+def _affinity(request: Request, host: HostCandidate) -> str:
+    for rule in request.affinity:
+        if rule.kind == "HostAntiAffinity" and host.name in rule.member_hosts:
+            return f"runs a member of anti-affinity group {rule.group}"
+        if rule.kind == "HostAffinity" and rule.member_hosts and host.name not in rule.member_hosts:
+            return f"does not run the members of affinity group {rule.group}"
+    return ""
+
+
+def _storage_pools(request: Request, host: HostCandidate, pools: t.Sequence[PoolCandidate],
+                   ledger: Ledger) -> tuple[list[PoolCandidate], str]:
+    """Pools the root disk could go to from this host, roomiest first, or why there is none."""
+    local = request.storage_type == "local"
+    reachable = [p for p in pools if p.usable and p.local == local and host.name in p.hosts
+                 and request.storage_tags <= p.tags]
+    if not reachable:
+        kind = "local" if local else "shared"
+        tags = f" with storage tags {sorted(request.storage_tags)}" if request.storage_tags else ""
+        return [], f"reaches no usable {kind} pool{tags}"
+    roomy = [p for p in reachable
+             if p.capacity_bytes - max(p.allocated_bytes, ledger.pool_allocated(p.name)) >= request.disk_bytes]
+    if not roomy:
+        return [], f"its pools lack {request.disk_bytes // 2**30} GiB free"
+    roomy.sort(key=lambda p: (-(p.capacity_bytes - max(p.allocated_bytes, ledger.pool_allocated(p.name))), p.name))
+    return roomy, ""
+
+
+def plan(request: Request, hosts: t.Sequence[HostCandidate], pools: t.Sequence[PoolCandidate], ledger: Ledger,
+         algorithm: AllocationAlgorithm = AllocationAlgorithm.FIRST_FIT,
+         rng: random.Random | None = None) -> Decision:
+    """Choose a host and a root-disk pool for ``request``, or say precisely why none fits."""
+    eliminated: collections.Counter[str] = collections.Counter()
+    examples: dict[str, str] = {}
+    fits: list[tuple[HostCandidate, PoolCandidate]] = []
+    preferred_anti: set[str] = set()
+    preferred_with: set[str] = set()
+    for rule in request.affinity:
+        if rule.kind == "NonStrictHostAntiAffinity":
+            preferred_anti |= rule.member_hosts
+        elif rule.kind == "NonStrictHostAffinity":
+            preferred_with |= rule.member_hosts
+
+    def drop(host: HostCandidate, category: str, why: str) -> None:
+        eliminated[category] += 1
+        examples.setdefault(category, f"{host.name} {why}")
+
+    in_zone = [h for h in hosts if h.zone == request.zone]
+    for host in sorted(in_zone, key=lambda h: h.name):
+        if why := _pinned(request, host):
+            drop(host, "pinned", why)
+        elif host.unusable:
+            drop(host, "unusable", f"is {host.unusable}")
+        elif host.hypervisor != request.hypervisor:
+            drop(host, "hypervisor", f"runs {host.hypervisor}, not {request.hypervisor}")
+        elif why := _tags(request, host):
+            drop(host, "tags", why)
+        elif why := _affinity(request, host):
+            drop(host, "affinity", why)
+        else:
+            cpu_used, memory_used = ledger.used(host.name)
+            if host.cpu_total - cpu_used < request.cpu:
+                drop(host, "cpu", f"has {max(host.cpu_total - cpu_used, 0)} of {request.cpu} vCPUs free")
+                continue
+            if host.memory_total_mib - memory_used < request.memory_mib:
+                drop(host, "memory", f"has {max(host.memory_total_mib - memory_used, 0)} of "
+                                     f"{request.memory_mib} MiB free")
+                continue
+            candidates, why = _storage_pools(request, host, pools, ledger)
+            if not candidates:
+                drop(host, "storage-capacity" if "free" in why else "storage", why)
+                continue
+            fits.append((host, candidates[0]))
+
+    if not fits:
+        return _refusal(request, len(in_zone), eliminated, examples)
+    if preferred_anti or preferred_with:
+        ranked = sorted(fits, key=lambda fit: (fit[0].name in preferred_anti,
+                                               bool(preferred_with) and fit[0].name not in preferred_with))
+        best = (ranked[0][0].name in preferred_anti, bool(preferred_with) and ranked[0][0].name not in preferred_with)
+        fits = [fit for fit in ranked if (fit[0].name in preferred_anti,
+                                          bool(preferred_with) and fit[0].name not in preferred_with) == best]
+    host, pool = _allocate(request, fits, ledger, algorithm, rng or random.Random())
+    return Decision(host.name, pool.name, "Scheduled",
+                    f"placed on host {host.name} (cluster {host.cluster}) with the root disk on pool {pool.name}")
+
+
+def _allocate(request: Request, fits: list[tuple[HostCandidate, PoolCandidate]], ledger: Ledger,
+              algorithm: AllocationAlgorithm, rng: random.Random) -> tuple[HostCandidate, PoolCandidate]:
+    if algorithm == AllocationAlgorithm.RANDOM:
+        return rng.choice(fits)
+    if algorithm == AllocationAlgorithm.USER_DISPERSING:
+        # Fewest guests of this owner first; then the emptiest host, as CloudStack's UserDispersing does.
+        return min(fits, key=lambda fit: (ledger.owner_count(fit[0].name, request.owner),
+                                          ledger.used(fit[0].name)[1] / max(fit[0].memory_total_mib, 1), fit[0].name))
+    return fits[0]
+
+
+CATEGORY_TEXT = {
+    "pinned": "outside the admin's pin",
+    "unusable": "not usable",
+    "hypervisor": "of another hypervisor",
+    "tags": "without the offering's host tags",
+    "affinity": "excluded by affinity groups",
+    "cpu": "short of CPU",
+    "memory": "short of memory",
+    "storage": "without a matching storage pool",
+    "storage-capacity": "short of primary storage",
+}
+
+
+def _refusal(request: Request, considered: int, eliminated: collections.Counter[str],
+             examples: dict[str, str]) -> Decision:
+    if considered == 0:
+        return Decision(None, None, "NoHostInZone", f"zone {request.zone} has no hosts")
+    if set(eliminated) <= {"cpu", "memory", "storage-capacity"}:
+        reason = "InsufficientCapacity"
+    elif request.host and eliminated.get("pinned", 0) == considered:
+        reason = "PinnedHostNotFound"
+    else:
+        reason = "NoMatchingHost"
+    parts = [f"{count} {CATEGORY_TEXT[category]} (e.g. {examples[category]})"
+             for category, count in sorted(eliminated.items(), key=lambda item: -item[1])]
+    return Decision(None, None, reason,
+                    f"none of the {considered} hosts in zone {request.zone} fits {request.cpu} vCPU / "
+                    f"{request.memory_mib} MiB: " + "; ".join(parts))
