@@ -117,10 +117,26 @@ class TemplateZoneCopy(Model):
 
     zone: str = Field(description="The zone.")
     image_store: str = Field(description="The ImageStore holding the copy.")
-    path: str = Field(description="Path of the image inside the store.")
+    path: str = Field(description="Absolute path of the image (inside the store's directory).")
+    host: str | None = Field(None, description="Host whose agent downloads the copy.")
     state: TemplateState = Field(description="Downloading, Ready or Error.")
     download_percent: int | None = Field(None, description="Progress of the download, 0-100.")
     message: str = Field("", description="Why the copy failed, when it did.")
+
+
+class DownloadReport(Model):
+    """Progress of a download, written by the agent doing it (owned by the agent)."""
+
+    zone: str = Field(description="Zone of the copy being downloaded.")
+    host: str = Field(description="The downloading host.")
+    state: TemplateState = Field(description="Downloading, Ready or Error.")
+    percent: int | None = Field(None, description="Progress, 0-100, when the size is known.")
+    bytes: int = Field(0, description="Bytes downloaded so far.")
+    message: str = Field("", description="What failed, when it did.")
+    detected_format: str | None = Field(None, description="Format found by qemu-img info.")
+    checksum: str | None = Field(None, description="Digest of what was downloaded, <algorithm>:<hex>.")
+    physical_size_bytes: int | None = Field(None, description="Size of the image file.")
+    virtual_size_bytes: int | None = Field(None, description="Size of the disk the image represents.")
 
 
 class TemplateStatus(ResourceStatus):
@@ -133,6 +149,7 @@ class TemplateStatus(ResourceStatus):
     physical_size_bytes: int | None = Field(None, description="Size of the image file.")
     virtual_size_bytes: int | None = Field(None, description="Size of the disk the image represents.")
     zones: list[TemplateZoneCopy] = Field(default_factory=list, description="The copies in each zone.")
+    download: DownloadReport | None = Field(None, description="The running or last download (agent-owned).")
 
 
 class Template(

@@ -178,7 +178,10 @@ class LaunchSpec(Model):
     kernel_path: str | None = Field(None, description="Kernel for direct-kernel boot.")
     initrd_path: str | None = Field(None, description="Initrd for direct-kernel boot.")
     kernel_cmdline: str | None = Field(None, description="Kernel command line for direct-kernel boot.")
-    user_data_secret: str | None = Field(None, description="Secret holding the resolved user data, if any.")
+    power_state: DesiredState = Field(DesiredState.RUNNING, description="Running or Stopped: what the agent does.")
+    user_data: str | None = Field(None, description="Resolved cloud-init user data, for the NoCloud config drive.")
+    ssh_public_keys: list[str] = Field(default_factory=list, description="SSH keys for the config drive's meta-data.")
+    hostname: str = Field("", description="Guest host name for the config drive.")
 
 
 class DomainInfo(Model):

@@ -13,6 +13,7 @@ from .common import (
     DisplayText,
     Model,
     Name,
+    NamespacedReference,
     ObjectReference,
     Resource,
     ResourceStatus,
@@ -76,7 +77,7 @@ class VolumeSpec(Model):
                  "give sizeGiB, a diskOffering with a size, or fromSnapshot", field_path=".sizeGiB"),
             Rule("!has(oldSelf.sizeGiB) || has(self.sizeGiB) && self.sizeGiB >= oldSelf.sizeGiB",
                  "volumes can grow but not shrink", field_path=".sizeGiB"),
-            set_at_creation("diskOffering", "fromSnapshot"),
+            set_at_creation("diskOffering", "fromSnapshot", "fromTemplate"),
         )
     )
 
@@ -97,6 +98,9 @@ class VolumeSpec(Model):
     from_snapshot: t.Annotated[ObjectReference, IMMUTABLE] | None = Field(
         None, description="Create the volume from this Snapshot. Immutable."
     )
+    from_template: t.Annotated[NamespacedReference, IMMUTABLE] | None = Field(
+        None, description="Root volumes: the Template the disk is a copy-on-write overlay of. Immutable."
+    )
     virtual_machine: ObjectReference | None = Field(
         None, description="Attach the volume to this VirtualMachine (same namespace), also while it runs; "
         "remove to detach. Root volumes are attached by the controller."
@@ -106,17 +110,37 @@ class VolumeSpec(Model):
     )
 
 
+class BaseImage(Model):
+    """A template image a disk is an overlay of: copied once from the image store into the pool."""
+
+    source: str = Field(description="Absolute path of the template image on the image store.")
+    path: str = Field(description="Absolute path of the pool's cached copy, the overlay's backing file.")
+    format: str = Field("qcow2", description="Format of the image: qcow2 or raw.")
+
+
+class DiskReport(Model):
+    """The disk as the agent of its host finds it (owned by the agent)."""
+
+    exists: bool = Field(description="The disk exists at status.path.")
+    size_bytes: int | None = Field(None, description="Virtual size found.")
+    physical_size_bytes: int | None = Field(None, description="Space the disk takes on the pool.")
+    message: str = Field("", description="What failed, when the last operation did.")
+
+
 class VolumeStatus(ResourceStatus):
-    """Observed state of a volume."""
+    """Observed state of a volume. storagePool, host, path, format, sizeBytes and baseImage are the
+    controller's resolved target; node is what the agent finds."""
 
     storage_pool: str | None = Field(None, description="Pool the volume is on.")
+    host: str | None = Field(None, description="Host whose agent manages the disk (the pool's host, for local pools).")
     path: str | None = Field(None, description="Path of the disk on the pool (file path, or image name on RBD).")
     format: str | None = Field(None, description="qcow2 or raw.")
     size_bytes: int | None = Field(None, description="Virtual size.")
+    base_image: BaseImage | None = Field(None, description="Template image the disk is an overlay of.")
     physical_size_bytes: int | None = Field(None, description="Space used on the pool.")
     attached_to: str | None = Field(None, description="VirtualMachine the volume is attached to.")
     device_id: int | None = Field(None, description="Device position in that guest.")
-    host: str | None = Field(None, description="Host whose agent manages the disk, for local pools.")
+    node: DiskReport | None = Field(None, description="What the host agent finds.")
 
 
 class Volume(
