@@ -45,6 +45,24 @@ class KubeApi:
                 raise Conflict(error.reason) from error
             raise
 
+    async def _patch(self, kind: Kind, name: str, namespace: str | None, body: t.Any, *, status: bool = False,
+                     content_type: str = "application/merge-patch+json", missing_ok: bool = False) -> t.Any:
+        self.writes += 1
+        if kind.namespaced:
+            function = (self.custom.patch_namespaced_custom_object_status if status
+                        else self.custom.patch_namespaced_custom_object)
+            args = (kind.group, kind.version, namespace, kind.plural, name, body)
+        else:
+            function = (self.custom.patch_cluster_custom_object_status if status
+                        else self.custom.patch_cluster_custom_object)
+            args = (kind.group, kind.version, kind.plural, name, body)
+        try:
+            return await self._call(function, *args, _content_type=content_type)
+        except ApiException as error:
+            if missing_ok and error.status == 404:
+                return None
+            raise
+
     async def list_selected(self, kind: Kind, field_selector: str) -> list[dict]:
         """Objects of ``kind`` matching a field selector (CRD selectableFields), at most a few."""
         body = await self._call(self.custom.list_cluster_custom_object, kind.group, kind.version, kind.plural,
@@ -64,29 +82,17 @@ class KubeApi:
         return items
 
     async def patch_status(self, kind: Kind, name: str, namespace: str | None, status_patch: dict) -> dict:
-        self.writes += 1
-        body = {"status": status_patch}
-        if kind.namespaced:
-            return await self._call(self.custom.patch_namespaced_custom_object_status, kind.group, kind.version,
-                                    namespace, kind.plural, name, body, _content_type="application/merge-patch+json")
-        return await self._call(self.custom.patch_cluster_custom_object_status, kind.group, kind.version,
-                                kind.plural, name, body, _content_type="application/merge-patch+json")
+        return await self._patch(kind, name, namespace, {"status": status_patch}, status=True)
 
     async def set_finalizers(self, kind: Kind, name: str, namespace: str | None, resource_version: str,
                              wanted: list[str]) -> None:
         """Replace the finalizer list, only if the object is still at ``resource_version`` (else Conflict)."""
-        self.writes += 1
         body = {"metadata": {"finalizers": wanted, "resourceVersion": resource_version}}
-        try:
-            if kind.namespaced:
-                await self._call(self.custom.patch_namespaced_custom_object, kind.group, kind.version, namespace,
-                                 kind.plural, name, body, _content_type="application/merge-patch+json")
-            else:
-                await self._call(self.custom.patch_cluster_custom_object, kind.group, kind.version, kind.plural,
-                                 name, body, _content_type="application/merge-patch+json")
-        except ApiException as error:
-            if error.status != 404:  # already gone is fine
-                raise
+        await self._patch(kind, name, namespace, body, missing_ok=True)
+
+    async def set_label(self, kind: Kind, name: str, namespace: str | None, key: str, value: str | None) -> None:
+        """Set (or, with None, remove) one label; other labels are left alone."""
+        await self._patch(kind, name, namespace, {"metadata": {"labels": {key: value}}}, missing_ok=True)
 
     async def record_event(self, kind: Kind, obj: t.Any, type_: str, reason: str, note: str) -> None:
         """Post an events.k8s.io/v1 Event about ``obj`` (cluster-scoped objects' events go to default)."""

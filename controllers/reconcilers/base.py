@@ -123,7 +123,12 @@ class InventoryReconciler(Reconciler, abc.ABC):
         ctx = Context(now=utcnow(), blocked_by=tuple(blocked), deleting=deleting(obj))
         status = self.derive(obj, ctx)
         await self.write_status(obj, status)
+        if not deleting(obj):
+            await self.act(obj, status)
         return Result(BLOCKED_RECHECK_SECONDS) if blocked else self.requeue(obj)
+
+    async def act(self, obj: t.Any, status: t.Any) -> None:
+        """Steps beyond status that follow from it (labels binding the object to a host, child objects)."""
 
     def requeue(self, obj: t.Any) -> Result:
         return Result()
