@@ -137,6 +137,7 @@ class DownloadReport(Model):
     checksum: str | None = Field(None, description="Digest of what was downloaded, <algorithm>:<hex>.")
     physical_size_bytes: int | None = Field(None, description="Size of the image file.")
     virtual_size_bytes: int | None = Field(None, description="Size of the disk the image represents.")
+    deleted: bool = Field(False, description="The copy's files were removed (the Template is being deleted).")
 
 
 class TemplateStatus(ResourceStatus):

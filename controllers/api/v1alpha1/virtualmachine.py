@@ -194,6 +194,7 @@ class DomainInfo(Model):
     vnc_port: int | None = Field(None, description="VNC port on the host.")
     started_at: datetime.datetime | None = Field(None, description="When the domain was last started.")
     message: str = Field("", description="Last error from the hypervisor.")
+    disks: list[str] = Field(default_factory=list, description="Volumes attached to the running domain.")
 
 
 class VirtualMachineStatus(ResourceStatus):
