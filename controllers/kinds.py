@@ -23,9 +23,10 @@ VOLUMES = cumulo_kind(api.Volume)
 SNAPSHOTS = cumulo_kind(api.Snapshot)
 NETWORKS = cumulo_kind(api.Network)
 PUBLICIPADDRESSES = cumulo_kind(api.PublicIPAddress)
+AFFINITYGROUPS = cumulo_kind(api.AffinityGroup)
 LEASES = Kind("leases", "coordination.k8s.io", "v1", True, lambda raw: Lease.parse(raw, HOST_LABEL), "Lease",
               selector=HEARTBEAT_LABEL)
 
 ALL = (ZONES, HOSTPODS, CLUSTERS, HOSTS, STORAGEPOOLS, IMAGESTORES, PHYSICALNETWORKS, SERVICEOFFERINGS,
        DISKOFFERINGS, NETWORKOFFERINGS, TEMPLATES, VIRTUALMACHINES, VOLUMES, SNAPSHOTS, NETWORKS, PUBLICIPADDRESSES,
-       LEASES)
+       AFFINITYGROUPS, LEASES)

@@ -94,6 +94,35 @@ class KubeApi:
         """Set (or, with None, remove) one label; other labels are left alone."""
         await self._patch(kind, name, namespace, {"metadata": {"labels": {key: value}}}, missing_ok=True)
 
+    async def patch(self, kind: Kind, name: str, namespace: str | None, body: dict) -> None:
+        """A JSON merge patch of the object (spec or metadata)."""
+        await self._patch(kind, name, namespace, body, missing_ok=True)
+
+    async def create(self, kind: Kind, body: dict) -> None:
+        """Create an object; one that already exists is fine (the caller's earlier attempt got through)."""
+        self.writes += 1
+        namespace = body["metadata"].get("namespace")
+        try:
+            if kind.namespaced:
+                await self._call(self.custom.create_namespaced_custom_object, kind.group, kind.version, namespace,
+                                 kind.plural, body)
+            else:
+                await self._call(self.custom.create_cluster_custom_object, kind.group, kind.version, kind.plural, body)
+        except Conflict:
+            pass
+
+    async def delete(self, kind: Kind, name: str, namespace: str | None) -> None:
+        self.writes += 1
+        try:
+            if kind.namespaced:
+                await self._call(self.custom.delete_namespaced_custom_object, kind.group, kind.version, namespace,
+                                 kind.plural, name)
+            else:
+                await self._call(self.custom.delete_cluster_custom_object, kind.group, kind.version, kind.plural, name)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
     async def record_event(self, kind: Kind, obj: t.Any, type_: str, reason: str, note: str) -> None:
         """Post an events.k8s.io/v1 Event about ``obj`` (cluster-scoped objects' events go to default)."""
         self.writes += 1

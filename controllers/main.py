@@ -19,7 +19,7 @@ import kopf
 from controllers import kinds
 from controllers.api.v1alpha1.common import GROUP
 from controllers.kubeapi import KubeApi, load_client
-from controllers.reconcilers import INFRASTRUCTURE
+from controllers import reconcilers
 from controllers.runtime import Kind, Runtime
 
 log = logging.getLogger("cumulo.controller")
@@ -46,7 +46,7 @@ def register(registry: kopf.OperatorRegistry, options: argparse.Namespace) -> No
         for kind in kinds.ALL:
             if kind.selector:
                 settings.watching.label_selectors[kind.group, kind.plural] = kind.selector
-        runtime = Runtime(KubeApi(load_client(options.kubeconfig)), kinds.ALL, INFRASTRUCTURE,
+        runtime = Runtime(KubeApi(load_client(options.kubeconfig)), kinds.ALL, reconcilers.ALL,
                           workers=options.workers)
         runtime.reconcilers["hosts"].alert_after_seconds = options.host_alert_after
         await runtime.start()

@@ -229,6 +229,12 @@ class Reconciler(abc.ABC):
         """Other kinds whose changes matter here: plural -> function giving the keys of ours to reconcile."""
         return {}
 
+    def primed(self) -> None:
+        """Called once the store holds every object, before the first reconcile (rebuild in-memory state)."""
+
+    def forget(self, key: Key) -> None:
+        """The object is gone from the API; drop in-memory state about it."""
+
     @abc.abstractmethod
     async def reconcile(self, obj: t.Any) -> Result:
         """Compare the world with ``obj``'s spec, take the next step, record it in status."""
@@ -269,6 +275,7 @@ class Runtime:
             for raw in await self.api.list(kind):
                 self.store.upsert(kind.plural, raw)
         for reconciler in self.reconcilers.values():
+            reconciler.primed()
             for obj in self.store.list(reconciler.kind.plural):
                 self.queue.add(reconciler.key(obj.metadata.name, obj.metadata.namespace))
 
@@ -311,10 +318,11 @@ class Runtime:
 
     async def _reconcile(self, key: Key) -> None:
         plural, namespace, name = key
+        reconciler = self.reconcilers[plural]
         obj = self.store.get(plural, name, namespace)
         if obj is None:
+            reconciler.forget(key)
             return
-        reconciler = self.reconcilers[plural]
         started = time.monotonic()
         try:
             result = await reconciler.reconcile(obj)

@@ -11,6 +11,9 @@ from controllers.reconcilers.offerings import (
 )
 from controllers.reconcilers.physicalnetwork import PhysicalNetworkReconciler
 from controllers.reconcilers.storagepool import StoragePoolReconciler
+from controllers.reconcilers.template import TemplateReconciler
+from controllers.reconcilers.virtualmachine import VirtualMachineReconciler
+from controllers.reconcilers.volume import VolumeReconciler
 from controllers.reconcilers.zone import ZoneReconciler
 
 INFRASTRUCTURE = (
@@ -18,3 +21,5 @@ INFRASTRUCTURE = (
     ImageStoreReconciler, PhysicalNetworkReconciler, ServiceOfferingReconciler, DiskOfferingReconciler,
     NetworkOfferingReconciler,
 )
+COMPUTE = (TemplateReconciler, VolumeReconciler, VirtualMachineReconciler)
+ALL = INFRASTRUCTURE + COMPUTE

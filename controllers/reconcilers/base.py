@@ -112,7 +112,8 @@ class InventoryReconciler(Reconciler, abc.ABC):
         blocked: list[str] = []
         if deleting(obj):
             blocked = self.blocked_by(obj)
-            if not blocked and FINALIZER in finalizers and await self.confirmed_free(obj):
+            if not blocked and FINALIZER in finalizers and await self.finalize(obj) \
+                    and await self.confirmed_free(obj):
                 await self.runtime.api.set_finalizers(self.kind, obj.metadata.name, obj.metadata.namespace,
                                                       obj.metadata.resource_version,
                                                       [f for f in finalizers if f != FINALIZER])
@@ -126,6 +127,11 @@ class InventoryReconciler(Reconciler, abc.ABC):
         if not deleting(obj):
             await self.act(obj, status)
         return Result(BLOCKED_RECHECK_SECONDS) if blocked else self.requeue(obj)
+
+    async def finalize(self, obj: t.Any) -> bool:
+        """Release what the object holds outside the API; True once nothing is left (then the finalizer
+        goes). Called on each reconcile of a deleting object that no dependents hold."""
+        return True
 
     async def act(self, obj: t.Any, status: t.Any) -> None:
         """Steps beyond status that follow from it (labels binding the object to a host, child objects)."""

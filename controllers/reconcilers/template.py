@@ -94,7 +94,9 @@ class TemplateReconciler(InventoryReconciler):
             if copy is None or copy.image_store != store.metadata.name:
                 copy = TemplateZoneCopy(zone=zone, image_store=store.metadata.name,
                                         path=copy_path(store.spec.path, template), state=TemplateState.DOWNLOADING)
-            if download is not None and download.zone == zone and download.host == copy.host \
+            if ctx.deleting and download is not None and download.deleted and download.zone == zone:
+                copy = copy.model_copy(update={"host": None, "message": "files removed"})
+            elif download is not None and download.zone == zone and download.host == copy.host \
                     and copy.state == TemplateState.DOWNLOADING:
                 copy = copy.model_copy(update={"state": download.state, "download_percent": download.percent,
                                                "message": download.message})
@@ -104,7 +106,7 @@ class TemplateReconciler(InventoryReconciler):
                         "state": TemplateState.ERROR,
                         "message": f"declared {template.spec.format.value} but the image is "
                                    f"{download.detected_format}"})
-            if copy.state == TemplateState.DOWNLOADING:
+            if copy.state == TemplateState.DOWNLOADING and not ctx.deleting:
                 if active_taken:
                     copy = copy.model_copy(update={"host": None, "message": "waiting for another zone's copy"})
                 else:
@@ -156,3 +158,17 @@ class TemplateReconciler(InventoryReconciler):
         if template.metadata.labels.get(HOST_LABEL) != active:
             await self.runtime.api.set_label(self.kind, template.metadata.name, template.metadata.namespace,
                                              HOST_LABEL, active)
+
+    async def finalize(self, template: Template) -> bool:
+        """The agent that stored each copy removes its files before the Template goes."""
+        report = template.status.download
+        for copy in template.status.zones:
+            if not copy.host or copy.state == TemplateState.DOWNLOADING and not copy.download_percent:
+                continue  # nothing was written for this copy
+            if report is not None and report.deleted and report.zone == copy.zone:
+                continue
+            if template.metadata.labels.get(HOST_LABEL) != copy.host:
+                await self.runtime.api.set_label(self.kind, template.metadata.name, template.metadata.namespace,
+                                                 HOST_LABEL, copy.host)
+            return False
+        return True

@@ -63,6 +63,7 @@ class Placement(Model):
     pod: Name | None = Field(None, description="HostPod.")
     cluster: Name | None = Field(None, description="Cluster.")
     host: Name | None = Field(None, description="Host.")
+    storage_pool: Name | None = Field(None, description="StoragePool of the root disk.")
 
 
 class NicRequest(Model):

@@ -1,0 +1,407 @@
+"""VirtualMachine reconciler: CloudStack's deploy workflow as a level-based reconcile.
+
+Running: check references → root volume → placement (planner + ledger, recorded before anything
+acts) → storage ready → launch description written into status → the host's agent starts the
+domain and reports it. Stopped: the launch says Stopped, the agent shuts the domain down, then the
+placement and its reserved capacity are released (a local root disk keeps the guest's next start on
+the same host). Destroyed: stopped and kept, recoverable, until the expunge delay passes; then, as
+when the object is deleted, its root disk is deleted and the object goes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import typing as t
+
+from controllers import inventory, kinds, planner
+from controllers.api.v1alpha1 import VirtualMachine
+from controllers.api.v1alpha1.common import API_VERSION, AllocationState
+from controllers.api.v1alpha1.host import HOST_LABEL, HostState
+from controllers.api.v1alpha1.storagepool import PoolScope, PoolState
+from controllers.api.v1alpha1.template import ImageFormat, TemplateState
+from controllers.api.v1alpha1.virtualmachine import (
+    DesiredState,
+    LaunchDisk,
+    LaunchSpec,
+    Placement,
+    VirtualMachineStatus,
+    VmPhase,
+)
+from controllers.api.v1alpha1.volume import VolumeType
+from controllers.api.v1alpha1.zone import AllocationAlgorithm
+from controllers.conditions import Check, find, first_failure
+from controllers.reconcilers.base import InventoryReconciler
+from controllers.runtime import Result, deleting, utcnow
+
+GIB = 1024**3
+SCHEDULED, STORAGE_READY, NETWORK_READY = "Scheduled", "StorageReady", "NetworkReady"
+
+
+def vm_key(vm: VirtualMachine) -> str:
+    return f"{vm.metadata.namespace}/{vm.metadata.name}"
+
+
+def root_volume_name(vm: VirtualMachine) -> str:
+    return f"{vm.metadata.name}-root"
+
+
+def domain_stopped(vm: VirtualMachine) -> bool:
+    node = vm.status.node
+    return node is None or node.domain_state in (None, "", "shutoff", "gone")
+
+
+class VirtualMachineReconciler(InventoryReconciler):
+    kind = kinds.VIRTUALMACHINES
+    agent_status_keys = ("node",)
+
+    def setup(self) -> None:
+        super().setup()
+        self.ledger = planner.Ledger()
+        self.index("virtualmachines", ".spec.serviceOffering", lambda vm: [vm.spec.service_offering])
+        self.index("virtualmachines", "template", lambda vm: [
+            f"{vm.spec.template.namespace or vm.metadata.namespace}/{vm.spec.template.name}"])
+        self.index("virtualmachines", "affinity", lambda vm: [f"{vm.metadata.namespace}/{g}"
+                                                             for g in vm.spec.affinity_groups])
+        self.index("volumes", "vm", lambda v: [f"{v.metadata.namespace}/{v.spec.virtual_machine.name}"]
+                   if v.spec.virtual_machine else [])
+        self.index("hosts", ".status.zone", lambda host: [host.status.zone] if host.status.zone else [])
+        self._waiting_for_capacity: set[tuple[str, str]] = set()
+
+    def primed(self) -> None:
+        """Rebuild the ledger from the placements recorded in the objects."""
+        for vm in self.store.list("virtualmachines"):
+            if vm.status.placement and vm.status.placement.host:
+                self._reserve(vm, vm.status.placement.host)
+
+    def watch_map(self):
+        def vms(index: str, value: str):
+            return [self.key(v.metadata.name, v.metadata.namespace) for v in self.store.by("virtualmachines", index,
+                                                                                           value)]
+
+        def unscheduled(_obj):
+            # Capacity appeared or changed somewhere: retry the guests that found no host.
+            return [self.key(name, namespace) for namespace, name in self._waiting_for_capacity]
+
+        return {
+            "volumes": lambda v: [self.key(v.spec.virtual_machine.name, v.metadata.namespace)]
+            if v.spec.virtual_machine else [],
+            "serviceofferings": lambda o: vms(".spec.serviceOffering", o.metadata.name),
+            "templates": lambda tmpl: vms("template", f"{tmpl.metadata.namespace}/{tmpl.metadata.name}"),
+            "hosts": unscheduled,
+            "storagepools": unscheduled,
+            "virtualmachines": lambda vm: [k for g in vm.spec.affinity_groups
+                                           for k in vms("affinity", f"{vm.metadata.namespace}/{g}")
+                                           if k[2] != vm.metadata.name and (vm.metadata.namespace, k[2])
+                                           in self._waiting_for_capacity],
+        }
+
+    def forget(self, key) -> None:
+        self.ledger.release(f"{key[1]}/{key[2]}")
+        self._waiting_for_capacity.discard((key[1], key[2]))
+
+    # -- references -----------------------------------------------------------------------------
+
+    def _offering(self, vm: VirtualMachine) -> tuple[t.Any, Check]:
+        offering = self.store.get("serviceofferings", vm.spec.service_offering)
+        if offering is None:
+            return None, Check.failed("ServiceOfferingNotFound",
+                                      f"ServiceOffering {vm.spec.service_offering} does not exist")
+        if not offering.spec.enabled:
+            return None, Check.failed("ServiceOfferingDisabled", f"ServiceOffering {vm.spec.service_offering} is "
+                                                                 "disabled")
+        return offering, Check.passed()
+
+    def _template(self, vm: VirtualMachine) -> tuple[t.Any, Check]:
+        ref = vm.spec.template
+        namespace = ref.namespace or vm.metadata.namespace
+        template = self.store.get("templates", ref.name, namespace)
+        if template is None:
+            return None, Check.failed("TemplateNotFound", f"Template {namespace}/{ref.name} does not exist")
+        if namespace != vm.metadata.namespace and not template.spec.public:
+            return None, Check.failed("TemplateNotVisible", f"Template {namespace}/{ref.name} is private to "
+                                                            f"namespace {namespace}; only public templates can be used "
+                                                            "from other namespaces")
+        copy = next((c for c in template.status.zones if c.zone == vm.spec.zone), None)
+        if copy is None or copy.state != TemplateState.READY:
+            state = copy.state.value if copy else "not registered"
+            return None, Check.failed("TemplateNotReady",
+                                      f"Template {namespace}/{ref.name} is {state} in zone {vm.spec.zone}")
+        if template.spec.format == ImageFormat.ISO:
+            return None, Check.failed("TemplateIsISO", "booting from an ISO is not supported yet; use a disk template")
+        return template, Check.passed()
+
+    def _zone(self, vm: VirtualMachine) -> tuple[t.Any, Check]:
+        zone = self.store.get("zones", vm.spec.zone)
+        if zone is None:
+            return None, Check.failed("ZoneNotFound", f"Zone {vm.spec.zone} does not exist")
+        return zone, Check.passed()
+
+    # -- placement ------------------------------------------------------------------------------
+
+    def _reserve(self, vm: VirtualMachine, host: str) -> None:
+        launch = vm.status.launch
+        offering = self.store.get("serviceofferings", vm.spec.service_offering)
+        cpu = launch.cpu_number if launch else (offering.spec.cpu_number if offering else 0)
+        memory = launch.memory_mib if launch else (offering.spec.memory_mib if offering else 0)
+        self.ledger.reserve(vm_key(vm), host, cpu, memory, vm.metadata.namespace)
+
+    def _candidates(self, zone: str) -> tuple[list[planner.HostCandidate], list[planner.PoolCandidate]]:
+        hosts = []
+        for host in self.store.by("hosts", ".status.zone", zone):
+            status = host.status
+            capacity = status.capacity
+            unusable = ""
+            if status.state != HostState.UP:
+                unusable = (status.state or HostState.CONNECTING).value
+            elif status.effective_allocation_state != AllocationState.ENABLED:
+                unusable = status.resource_state.value if status.resource_state else "Disabled"
+            elif not find(status.conditions, "HypervisorHealthy") or \
+                    find(status.conditions, "HypervisorHealthy").status.value != "True":
+                unusable = "reporting a hypervisor error"
+            hosts.append(planner.HostCandidate(
+                name=host.metadata.name, zone=zone, pod=status.pod or "", cluster=host.spec.cluster,
+                hypervisor=(status.node.hypervisor_type.value if status.node and status.node.hypervisor_type else ""),
+                tags=frozenset(host.spec.host_tags), cpu_total=capacity.cpu_cores.total if capacity else 0,
+                memory_total_mib=capacity.memory_mib.total if capacity else 0, unusable=unusable))
+        pools = []
+        for pool in self.store.list("storagepools"):
+            if pool.spec.zone != zone:
+                continue
+            scope_name = {PoolScope.HOST: pool.spec.host, PoolScope.CLUSTER: pool.spec.cluster}.get(pool.spec.scope,
+                                                                                                   pool.spec.zone)
+            pools.append(planner.PoolCandidate(
+                name=pool.metadata.name, scope=pool.spec.scope.value, scope_name=scope_name or "",
+                tags=frozenset(pool.spec.tags), usable=pool.spec.enabled and pool.status.state == PoolState.UP,
+                hosts=frozenset(h for h, a in pool.status.host_access.items() if a.reachable),
+                capacity_bytes=int((pool.status.capacity_bytes or 0) * pool.spec.overprovisioning_factor),
+                allocated_bytes=pool.status.allocated_bytes or 0, local=pool.spec.scope == PoolScope.HOST))
+        return hosts, pools
+
+    def _affinity(self, vm: VirtualMachine) -> tuple[planner.AffinityRule, ...]:
+        rules = []
+        for group_name in vm.spec.affinity_groups:
+            group = self.store.get("affinitygroups", group_name, vm.metadata.namespace)
+            if group is None:
+                continue  # reported by _affinity_check
+            members = {other.status.placement.host for other in
+                       self.store.by("virtualmachines", "affinity", f"{vm.metadata.namespace}/{group_name}")
+                       if other.metadata.name != vm.metadata.name and other.status.placement
+                       and other.status.placement.host}
+            rules.append(planner.AffinityRule(group_name, group.spec.type.value, frozenset(members)))
+        return tuple(rules)
+
+    def _place(self, vm: VirtualMachine, offering: t.Any, template: t.Any, zone: t.Any, root: t.Any) -> \
+            planner.Decision:
+        hypervisor = template.spec.hypervisor.value
+        disk_bytes = (vm.spec.root_disk_size_gib or offering.spec.root_disk_size_gib or 0) * GIB or \
+            (template.status.virtual_size_bytes or 0)
+        pin = vm.spec.placement or Placement()
+        request = planner.Request(
+            key=vm_key(vm), owner=vm.metadata.namespace, zone=vm.spec.zone, cpu=offering.spec.cpu_number,
+            memory_mib=offering.spec.memory_mib, hypervisor=hypervisor, host_tags=frozenset(offering.spec.host_tags),
+            storage_type=offering.spec.storage_type.value, storage_tags=frozenset(offering.spec.storage_tags),
+            disk_bytes=disk_bytes, affinity=self._affinity(vm), pod=pin.pod, cluster=pin.cluster, host=pin.host)
+        hosts, pools = self._candidates(vm.spec.zone)
+        existing_pool = root.status.storage_pool if root is not None else None
+        if existing_pool:
+            # The root disk already exists: only hosts that reach its pool will do.
+            pools = [p for p in pools if p.name == existing_pool]
+            request = planner.Request(**{**request.__dict__, "disk_bytes": 0})
+        return planner.plan(request, hosts, pools, self.ledger, zone.spec.allocation_algorithm
+                            if zone else AllocationAlgorithm.FIRST_FIT)
+
+    # -- derive ---------------------------------------------------------------------------------
+
+    def _volumes(self, vm: VirtualMachine) -> tuple[t.Any, list[t.Any]]:
+        volumes = self.store.by("volumes", "vm", vm_key(vm))
+        root = next((v for v in volumes if v.spec.type == VolumeType.ROOT), None)
+        data = sorted((v for v in volumes if v.spec.type != VolumeType.ROOT), key=lambda v: v.metadata.name)
+        return root, data
+
+    def derive(self, vm: VirtualMachine, ctx: inventory.Context) -> VirtualMachineStatus:
+        previous = vm.status
+        status = previous.model_copy(deep=True)
+        status.observed_generation = vm.metadata.generation
+        node = previous.node
+        running = node is not None and node.domain_state == "running"
+        offering, offering_ok = self._offering(vm)
+        template, template_ok = self._template(vm)
+        zone, zone_ok = self._zone(vm)
+        references = first_failure(zone_ok, offering_ok, template_ok, self._affinity_check(vm))
+        root, data = self._volumes(vm)
+        wanted = DesiredState.RUNNING if vm.spec.state == DesiredState.RUNNING and not ctx.deleting \
+            else DesiredState.STOPPED
+        checks: dict[str, Check | None] = {}
+
+        if wanted == DesiredState.STOPPED or (not references.ok and not running):
+            if status.launch is not None and not domain_stopped(vm):
+                status.launch = status.launch.model_copy(update={"power_state": DesiredState.STOPPED})
+                phase = VmPhase.STOPPING
+            else:
+                status.launch, status.placement = None, None
+                phase = VmPhase.STOPPED
+            if vm.spec.state == DesiredState.DESTROYED:
+                status.destroyed_at = previous.destroyed_at or ctx.now
+                if phase == VmPhase.STOPPED:
+                    phase = VmPhase.DESTROYED
+            else:
+                status.destroyed_at = None
+            ready = references if not references.ok else Check.failed(phase.value, f"the guest is {phase.value}")
+            checks[SCHEDULED] = None
+        else:
+            status.destroyed_at = None
+            ready, phase = self._derive_running(vm, status, offering, template, zone, root, data, checks, references)
+        if ctx.deleting:
+            phase = VmPhase.EXPUNGING
+        status.phase = phase.value
+        status.ip_address = next((n.ip_address for n in status.launch.nics if n.default), None) \
+            if status.launch and status.launch.nics else None
+        status.conditions = inventory.conditions(previous.conditions, vm.metadata.generation, ctx, ready, **checks)
+        return status
+
+    def _affinity_check(self, vm: VirtualMachine) -> Check:
+        missing = [g for g in vm.spec.affinity_groups
+                   if self.store.get("affinitygroups", g, vm.metadata.namespace) is None]
+        if missing:
+            return Check.failed("AffinityGroupNotFound", f"AffinityGroup {missing[0]} does not exist")
+        return Check.passed()
+
+    def _derive_running(self, vm, status, offering, template, zone, root, data, checks, references):
+        if not references.ok:  # the domain runs, but something it references went away
+            checks[SCHEDULED] = None
+            return references, VmPhase.RUNNING
+        if status.placement is None or status.placement.host is None:
+            decision = self._place(vm, offering, template, zone, root)
+            if not decision.ok:
+                self._waiting_for_capacity.add((vm.metadata.namespace, vm.metadata.name))
+                checks[SCHEDULED] = Check.failed(decision.reason, decision.message)
+                return checks[SCHEDULED], VmPhase.STARTING
+            self._waiting_for_capacity.discard((vm.metadata.namespace, vm.metadata.name))
+            host = self.store.get("hosts", decision.host)
+            status.placement = Placement(zone=vm.spec.zone, pod=host.status.pod, cluster=host.spec.cluster,
+                                         host=decision.host, storage_pool=decision.pool)
+            self.ledger.reserve(vm_key(vm), decision.host, offering.spec.cpu_number, offering.spec.memory_mib,
+                                vm.metadata.namespace)
+            checks[SCHEDULED] = Check.passed("Scheduled", decision.message)
+        else:
+            previous = find(vm.status.conditions, SCHEDULED)
+            checks[SCHEDULED] = Check.passed("Scheduled", previous.message if previous else
+                                             f"placed on host {status.placement.host}")
+        storage = self._storage_check(root, data, status.placement.host)
+        checks[STORAGE_READY] = storage
+        network = self._network_check(vm)
+        checks[NETWORK_READY] = network
+        if not storage.ok or not network.ok:
+            return first_failure(storage, network), VmPhase.STARTING
+        status.launch = self._launch(vm, offering, template, root, data, status.placement.host)
+        node = vm.status.node
+        if node is not None and node.domain_state == "running" and node.host == status.placement.host:
+            return Check.passed("Running", f"running on host {status.placement.host}"), VmPhase.RUNNING
+        if node is not None and node.message:
+            return Check.failed("StartFailed", node.message), VmPhase.STARTING
+        return Check.failed("Starting", f"the agent of {status.placement.host} is starting the guest"), \
+            VmPhase.STARTING
+
+    def _storage_check(self, root, data, host: str) -> Check:
+        if root is None:
+            return Check.failed("CreatingRootVolume", "creating the root volume")
+        for volume in [root, *data]:
+            ready = find(volume.status.conditions, "Ready")
+            if ready is None or ready.status.value != "True":
+                why = ready.message if ready else "not reconciled yet"
+                if volume is root or volume.status.storage_pool:
+                    return Check.failed("VolumeNotReady", f"Volume {volume.metadata.name}: {why}")
+        if root.status.host and root.status.host != host:
+            return Check.failed("RootDiskElsewhere", f"the root disk is on host {root.status.host}")
+        return Check.passed("VolumesReady")
+
+    def _network_check(self, vm: VirtualMachine) -> Check:
+        if vm.spec.nics:
+            return Check.failed("NetworkNotSupported",
+                                "guest NICs need network implementation, which this controller does not have yet")
+        return Check.passed("NoNics")
+
+    def _launch(self, vm, offering, template, root, data, host: str) -> LaunchSpec:
+        disks = []
+        for index, volume in enumerate([root, *[d for d in data if find(d.status.conditions, "Ready")
+                                               and find(d.status.conditions, "Ready").status.value == "True"]]):
+            pool = self.store.get("storagepools", volume.status.storage_pool)
+            disks.append(LaunchDisk(
+                volume=volume.metadata.name, device=f"vd{chr(ord('a') + index)}", pool=volume.status.storage_pool,
+                pool_type=pool.spec.type.value if pool else "Filesystem", path=volume.status.path,
+                format=volume.status.format or "qcow2", size_bytes=volume.status.size_bytes or 0))
+        copy = next(c for c in template.status.zones if c.zone == vm.spec.zone)
+        kernel = template.spec.direct_kernel_boot
+        return LaunchSpec(
+            host=host, cpu_number=offering.spec.cpu_number, cpu_speed_mhz=offering.spec.cpu_speed_mhz,
+            memory_mib=offering.spec.memory_mib, limit_cpu_use=offering.spec.limit_cpu_use,
+            os_type=template.spec.os_type, disks=disks, nics=[],
+            kernel_path=f"{copy.path}.kernel" if kernel else None,
+            initrd_path=f"{copy.path}.initrd" if kernel and kernel.initrd else None,
+            kernel_cmdline=kernel.cmdline if kernel else None,
+            power_state=DesiredState.RUNNING, user_data=vm.spec.user_data,
+            ssh_public_keys=list(vm.spec.ssh_public_keys), hostname=vm.spec.hostname or vm.metadata.name,
+        )
+
+    # -- actions ------------------------------------------------------------------------------
+
+    async def act(self, vm: VirtualMachine, status: VirtualMachineStatus) -> None:
+        api = self.runtime.api
+        host = status.placement.host if status.placement else None
+        if vm.metadata.labels.get(HOST_LABEL) != host and (host or domain_stopped(vm)):
+            await api.set_label(self.kind, vm.metadata.name, vm.metadata.namespace, HOST_LABEL, host)
+        if status.placement is None:
+            self.ledger.release(vm_key(vm))
+        root, _ = self._volumes(vm)
+        if vm.spec.state == DesiredState.RUNNING and root is None and self.store.get(
+                "volumes", root_volume_name(vm), vm.metadata.namespace) is None:
+            await api.create(kinds.VOLUMES, self._root_volume(vm))
+        elif root is not None and not root.spec.storage_pool and status.placement and status.placement.storage_pool:
+            await api.patch(kinds.VOLUMES, root.metadata.name, root.metadata.namespace,
+                            {"spec": {"storagePool": status.placement.storage_pool}})
+
+    def _root_volume(self, vm: VirtualMachine) -> dict:
+        offering = self.store.get("serviceofferings", vm.spec.service_offering)
+        size = vm.spec.root_disk_size_gib or (offering.spec.root_disk_size_gib if offering else None)
+        spec: dict[str, t.Any] = {
+            "type": "ROOT", "zone": vm.spec.zone, "virtualMachine": {"name": vm.metadata.name},
+            "fromTemplate": {"name": vm.spec.template.name,
+                             "namespace": vm.spec.template.namespace or vm.metadata.namespace},
+        }
+        if size:
+            spec["sizeGiB"] = size
+        return {
+            "apiVersion": API_VERSION, "kind": "Volume",
+            "metadata": {"name": root_volume_name(vm), "namespace": vm.metadata.namespace,
+                         "ownerReferences": [{"apiVersion": API_VERSION, "kind": "VirtualMachine",
+                                              "name": vm.metadata.name, "uid": vm.metadata.uid,
+                                              "controller": True, "blockOwnerDeletion": True}]},
+            "spec": spec,
+        }
+
+    def requeue(self, vm: VirtualMachine) -> Result:
+        if vm.spec.state == DesiredState.DESTROYED and vm.status.destroyed_at is not None:
+            due = vm.status.destroyed_at + datetime.timedelta(seconds=vm.spec.expunge_delay_seconds)
+            return Result(max((due - utcnow()).total_seconds(), 0) + 0.5)
+        return Result()
+
+    async def reconcile(self, vm: VirtualMachine) -> Result:
+        if not deleting(vm) and vm.spec.state == DesiredState.DESTROYED and vm.status.destroyed_at is not None \
+                and domain_stopped(vm):
+            due = vm.status.destroyed_at + datetime.timedelta(seconds=vm.spec.expunge_delay_seconds)
+            if utcnow() >= due:
+                await self.runtime.api.delete(self.kind, vm.metadata.name, vm.metadata.namespace)
+                return Result()
+        return await super().reconcile(vm)
+
+    async def finalize(self, vm: VirtualMachine) -> bool:
+        """Expunge: the domain is stopped (derive asks the agent), the root disk deleted, capacity released."""
+        if not domain_stopped(vm):
+            return False
+        root, _ = self._volumes(vm)
+        if root is not None:
+            if root.metadata.deletion_timestamp is None:
+                await self.runtime.api.delete(kinds.VOLUMES, root.metadata.name, root.metadata.namespace)
+            return False
+        self.ledger.release(vm_key(vm))
+        return True
