@@ -26,6 +26,9 @@ from .common import (
 HOST_LABEL = "cumulo.io/host"
 """Label binding an object to the host whose agent acts on it (agents watch with this selector)."""
 
+NODE_CLUSTER_LABEL = "cumulo.io/cluster"
+"""Kubernetes Node label: an agent on that node registers its Host in this Cluster."""
+
 
 class HostState(StrEnum):
     """Connection state, as CloudStack's host status."""

@@ -113,7 +113,7 @@ class StoragePoolSpec(Model):
 
 
 class PoolHostAccess(Model):
-    """Whether one host can use the pool (written by that host's agent)."""
+    """Whether one host can use the pool, from that host agent's report (written by the controller)."""
 
     reachable: bool = Field(description="Whether the host can read and write the pool.")
     message: str = Field("", description="Why not, when unreachable.")

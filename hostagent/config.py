@@ -1,0 +1,105 @@
+"""The agent's configuration and the small pure helpers that build it (host names, private IP)."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import socket
+from collections.abc import Mapping, Sequence
+from urllib.parse import urlparse
+
+from .drivers.hypervisor.simulator import SimulatedCapacity
+from .faults import Fault
+
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+class ConfigError(ValueError):
+    """A configuration the agent cannot run with; the message says what to change."""
+
+
+def validate_host_name(name: str, source: str) -> str:
+    if len(name) > 253 or not _NAME.match(name):
+        raise ConfigError(f"host name {name!r} (from {source}) is not a valid Kubernetes object name: lower-case "
+                          "letters, digits, '-' and '.', starting and ending with a letter or digit")
+    return name
+
+
+def resolve_host_name(flag: str | None, environ: Mapping[str, str], hostname: str | None = None) -> str:
+    """``--host``, else $CUMULO_HOST, else $NODE_NAME (a DaemonSet's spec.nodeName), else the machine's
+    host name (lower-cased and cut at the first dot, as kubelet names its node)."""
+    for value, source in ((flag, "--host"), (environ.get("CUMULO_HOST"), "$CUMULO_HOST"),
+                          (environ.get("NODE_NAME"), "$NODE_NAME")):
+        if value:
+            return validate_host_name(value, source)
+    name = (hostname if hostname is not None else socket.gethostname()).lower().split(".")[0]
+    return validate_host_name(name, "the machine's host name")
+
+
+def simulated_host_names(base: str, count: int) -> list[str]:
+    """``--simulate N``: hosts ``<base>-0`` … ``<base>-(N-1)``."""
+    if count < 1:
+        raise ConfigError(f"--simulate needs at least 1 host, not {count}")
+    return [validate_host_name(f"{base}-{index}", "--host and --simulate") for index in range(count)]
+
+
+def default_private_ip(apiserver_url: str | None) -> str | None:
+    """The address this machine uses to reach the apiserver (the management network), else the source
+    address of the default route. A UDP connect sends no packet; it only asks the kernel for a route."""
+    candidates = []
+    if apiserver_url:
+        host = urlparse(apiserver_url).hostname
+        if host:
+            candidates.append(host)
+    candidates.append("192.0.2.1")  # TEST-NET-1: any address routed via the default route
+    fallback = None
+    for target in candidates:
+        try:
+            address = socket.getaddrinfo(target, 443, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect((address, 443))
+                source = str(probe.getsockname()[0])
+        except OSError:
+            continue
+        if not ipaddress.ip_address(source).is_loopback:
+            return source
+        fallback = fallback or source
+    return fallback
+
+
+@dataclasses.dataclass
+class AgentConfig:
+    hosts: Sequence[str]
+    hypervisor: str = "libvirt"  # libvirt | simulator
+    libvirt_uri: str = "qemu:///system"
+    virt_type: str = "qemu"
+    network_driver: str = "linuxbridge"  # linuxbridge | simulator
+    storage_driver: str = "filesystem"  # filesystem | simulator
+    simulated: SimulatedCapacity = dataclasses.field(default_factory=SimulatedCapacity)
+    sim_storage_bytes: int = 10 * 1024**4
+    register_cluster: str | None = None
+    node_name: str | None = None
+    heartbeat_interval: float = 10.0
+    lease_duration: int = 40
+    check_interval: float = 10.0
+    report_refresh: float = 60.0
+    call_timeout: float = 30.0
+    kubeconfig: str | None = None
+    faults: Mapping[str, Fault] = dataclasses.field(default_factory=dict)
+    private_ip: str | None = None
+    api_threads: int = 8
+
+    def validate(self) -> None:
+        if self.heartbeat_interval <= 0 or self.check_interval <= 0:
+            raise ConfigError("--heartbeat-interval and --check-interval must be positive")
+        if self.lease_duration < 2 * self.heartbeat_interval:
+            raise ConfigError(f"--lease-duration ({self.lease_duration}s) must be at least twice "
+                              f"--heartbeat-interval ({self.heartbeat_interval:g}s), or one slow renewal "
+                              "marks the host Disconnected")
+        if self.hypervisor != "simulator" and len(self.hosts) > 1:
+            raise ConfigError("--simulate needs --hypervisor simulator")
+        if self.hypervisor != "simulator" and self.faults:
+            raise ConfigError("--fault is for the simulator hypervisor only")
+        if len(set(self.hosts)) != len(self.hosts):
+            raise ConfigError("host names must be unique")

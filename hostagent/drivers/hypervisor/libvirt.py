@@ -1,0 +1,177 @@
+"""The libvirt hypervisor driver: a real libvirtd running QEMU guests (TCG ``qemu`` or ``kvm``).
+
+libvirt-python calls block, so they run in one dedicated thread: calls on one connection are
+serialised anyway, and a hung libvirtd then holds one thread, not the event loop. A call that
+outlives its deadline is reported as an error and no further call is queued behind it until it
+returns (no pile-up of stuck threads).
+
+The virt type is configuration, never read from libvirt: libvirt advertises ``kvm`` whenever
+/dev/kvm exists, even where KVM guests cannot run (nested virtualisation without vmx/svm).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime
+import logging
+import typing as t
+import xml.etree.ElementTree as ET
+
+import libvirt
+
+from controllers.api.v1alpha1.common import HypervisorType
+
+from . import HostFacts, HypervisorError, version_string
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = "qemu:///system"
+VIRT_TYPES = ("qemu", "kvm")
+
+
+def _ignore_libvirt_errors(_context: object, _error: object) -> None:
+    """libvirt prints every error on stderr by default; the agent reports them itself."""
+
+
+libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
+
+
+def parse_capabilities(xml: str) -> dict[str, t.Any]:
+    """The parts of ``virConnectGetCapabilities`` the agent uses: host CPU model and arch, and the
+    domain types libvirt offers per guest architecture."""
+    root = ET.fromstring(xml)
+    cpu = root.find("host/cpu")
+    topology = cpu.find("topology") if cpu is not None else None
+    domain_types: dict[str, set[str]] = {}
+    for guest in root.findall("guest"):
+        arch = guest.find("arch")
+        if arch is None:
+            continue
+        kinds = domain_types.setdefault(arch.get("name", ""), set())
+        kinds.update(domain.get("type", "") for domain in arch.findall("domain"))
+    counter = cpu.find("counter[@name='tsc']") if cpu is not None else None
+    return {
+        "cpu_model": cpu.findtext("model") if cpu is not None else None,
+        "tsc_mhz": int(counter.get("frequency", 0)) // 1_000_000 if counter is not None else None,
+        "architecture": cpu.findtext("arch") if cpu is not None else None,
+        "sockets": int(topology.get("sockets", 0)) if topology is not None else None,
+        "domain_types": domain_types,
+    }
+
+
+def _since(seconds_ago: float) -> str:
+    moment = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=seconds_ago)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class LibvirtDriver:
+    """The hypervisor of a host run by libvirtd at ``uri``."""
+
+    hypervisor_type = HypervisorType.KVM
+
+    def __init__(self, uri: str = DEFAULT_URI, virt_type: str = "qemu", *, call_timeout: float = 30.0) -> None:
+        if virt_type not in VIRT_TYPES:
+            raise ValueError(f"virt type must be one of {', '.join(VIRT_TYPES)}, not {virt_type!r}")
+        self.uri = uri
+        self.virt_type = virt_type
+        self.call_timeout = call_timeout
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="libvirt")
+        self._connection: libvirt.virConnect | None = None
+        self._hung: tuple[concurrent.futures.Future[t.Any], str, str] | None = None
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _connect(self) -> libvirt.virConnect:
+        """The open connection, (re)opened if libvirtd went away. Runs in the libvirt thread."""
+        connection = self._connection
+        if connection is not None:
+            try:
+                if connection.isAlive():
+                    return connection
+            except libvirt.libvirtError:
+                pass
+            self._drop_connection()
+        try:
+            connection = libvirt.open(self.uri)
+        except libvirt.libvirtError as error:
+            raise HypervisorError(f"cannot connect to libvirt at {self.uri}: {error}") from None
+        self._connection = connection
+        log.info("connected to libvirtd", extra={"uri": self.uri, "libvirt_host": connection.getHostname()})
+        return connection
+
+    def _drop_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                connection.close()
+            except libvirt.libvirtError:
+                pass
+
+    def _run(self, what: str, function: t.Callable[[libvirt.virConnect], t.Any]) -> t.Any:
+        connection = self._connect()
+        try:
+            return function(connection)
+        except libvirt.libvirtError as error:
+            # The next call reconnects if the connection broke; a live one is kept.
+            if not connection.isAlive():
+                self._drop_connection()
+            raise HypervisorError(f"libvirt {what} failed: {error}") from None
+
+    async def _call(self, what: str, function: t.Callable[[libvirt.virConnect], t.Any]) -> t.Any:
+        if self._hung is not None:
+            future, hung_what, since = self._hung
+            if not future.done():
+                # A fixed time, not a growing duration: the message must not change every round,
+                # or each round would be a status write.
+                raise HypervisorError(f"libvirt {hung_what} has not returned since {since} "
+                                      f"(libvirtd at {self.uri} hangs)")
+            self._hung = None
+        future = self._thread.submit(self._run, what, function)
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.call_timeout)
+        except TimeoutError:
+            self._hung = (future, what, _since(self.call_timeout))
+            raise HypervisorError(f"libvirt {what} did not return within {self.call_timeout:g}s") from None
+
+    # -- HypervisorDriver ------------------------------------------------------------------------
+
+    async def host_facts(self) -> HostFacts:
+        def gather(connection: libvirt.virConnect) -> HostFacts:
+            arch, memory_mib, cpus, mhz, nodes, sockets, _cores, _threads = connection.getInfo()
+            capabilities = parse_capabilities(connection.getCapabilities())
+            try:
+                # getInfo sums the NUMA cells' memory, which can miss memory outside them;
+                # the node's own total (MemTotal) is what guests can share.
+                total_kib = connection.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)["total"]
+                memory_mib = int(total_kib) // 1024
+            except (libvirt.libvirtError, KeyError):
+                pass
+            arch = capabilities["architecture"] or arch
+            offered = capabilities["domain_types"].get(arch, set())
+            if self.virt_type not in offered:
+                hint = "" if offered else f"; is QEMU for {arch} installed?"
+                raise HypervisorError(f"libvirt offers no {self.virt_type!r} guests for {arch} "
+                                      f"(offered: {', '.join(sorted(offered)) or 'none'}){hint}")
+            return HostFacts(
+                hypervisor_type=HypervisorType.KVM,
+                hypervisor_version=version_string(connection.getVersion()),
+                libvirt_version=version_string(connection.getLibVersion()),
+                virt_type=self.virt_type,
+                cpu_model=capabilities["cpu_model"],
+                cpu_sockets=nodes * sockets,
+                cpu_cores=cpus,
+                # getInfo's MHz is cpu0's current clock, which moves with frequency scaling (and
+                # would make every round a status write); the TSC rate is the nominal speed.
+                cpu_speed_mhz=capabilities["tsc_mhz"] or mhz,
+                memory_mib=memory_mib,
+                architecture=arch,
+            )
+
+        result: HostFacts = await self._call("host facts", gather)
+        return result
+
+    async def close(self) -> None:
+        if self._hung is None or self._hung[0].done():
+            await asyncio.wrap_future(self._thread.submit(self._drop_connection))
+        self._thread.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,174 @@
+"""``cumulo-agent``: the host agent command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import typing as t
+from collections.abc import Sequence
+
+from kubernetes.config.config_exception import ConfigException
+
+from . import log as agent_log
+from .agent import Agent, HostWorker, agent_version
+from .config import AgentConfig, ConfigError, default_private_ip, resolve_host_name, simulated_host_names
+from .drivers.hypervisor import HypervisorDriver
+from .drivers.hypervisor.simulator import SimulatedCapacity, SimulatorDriver
+from .drivers.network import NetworkDriver
+from .drivers.network.simulator import SimulatorNetworkDriver
+from .drivers.storage import StorageDriver
+from .drivers.storage.simulator import SimulatorStorageDriver
+from .faults import FaultConfigError, FaultInjector, parse_fault_option
+from .kube import AsyncKube, Kube, load_configuration
+
+log = logging.getLogger("hostagent")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cumulo-agent", description="Cumulo host agent: heartbeats and host facts of "
+                                "one hypervisor host (or of N simulated hosts).")
+    p.add_argument("--host", help="Host object name (default: $CUMULO_HOST, $NODE_NAME, the machine's host name)")
+    p.add_argument("--node-name", default=os.environ.get("NODE_NAME"),
+                   help="Kubernetes Node the agent runs on, read for the cumulo.io/cluster label (default: $NODE_NAME)")
+    p.add_argument("--hypervisor", choices=["libvirt", "simulator"], default="libvirt")
+    p.add_argument("--libvirt-uri", default="qemu:///system")
+    p.add_argument("--virt-type", choices=["qemu", "kvm"], default="qemu",
+                   help="libvirt domain type; qemu (TCG) unless the host really runs KVM guests")
+    p.add_argument("--network-driver", choices=["linuxbridge", "simulator"],
+                   help="default: linuxbridge for libvirt, simulator for the simulator")
+    p.add_argument("--storage-driver", choices=["filesystem", "simulator"],
+                   help="default: filesystem for libvirt, simulator for the simulator")
+    p.add_argument("--simulate", type=int, metavar="N", help="run N simulated hosts <host>-0 … <host>-(N-1)")
+    p.add_argument("--sim-cpus", type=int, default=16)
+    p.add_argument("--sim-memory-mib", type=int, default=65536)
+    p.add_argument("--sim-cpu-speed-mhz", type=int, default=2400)
+    p.add_argument("--sim-storage-gib", type=int, default=10240, help="capacity of every simulated pool and store")
+    p.add_argument("--register-cluster", metavar="CLUSTER",
+                   help="create missing Host objects in this Cluster (also done when the Node has the "
+                        "cumulo.io/cluster label)")
+    p.add_argument("--heartbeat-interval", type=float, default=10.0, help="seconds between Lease renewals")
+    p.add_argument("--lease-duration", type=int, default=40, help="leaseDurationSeconds of the heartbeat Lease")
+    p.add_argument("--check-interval", type=float,
+                   help="seconds between host checks (facts, storage, bridges); default: the heartbeat interval")
+    p.add_argument("--report-refresh", type=float, default=60.0,
+                   help="re-send an unchanged status.node after this many seconds (refreshes reportedAt)")
+    p.add_argument("--call-timeout", type=float, default=30.0, help="deadline of one hypervisor call, in seconds")
+    p.add_argument("--private-ip", default=os.environ.get("CUMULO_PRIVATE_IP"),
+                   help="management address to report (default: $CUMULO_PRIVATE_IP, else the source address "
+                        "towards the apiserver)")
+    p.add_argument("--fault", action="append", default=[], metavar="OP=JSON",
+                   help="simulator fault for every host, e.g. facts='{\"fail\":true,\"message\":\"down\"}'; "
+                        "the Host annotation overrides it per operation")
+    p.add_argument("--api-threads", type=int, default=8, help="concurrent API requests")
+    p.add_argument("--kubeconfig", help="default: $KUBECONFIG, ~/.kube/config, else in-cluster")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="json", choices=["json", "text"])
+    return p
+
+
+def build_config(options: argparse.Namespace, environ: t.Mapping[str, str]) -> AgentConfig:
+    base = resolve_host_name(options.host, environ)
+    simulator = options.hypervisor == "simulator"
+    if options.simulate is not None and not simulator:
+        raise ConfigError("--simulate needs --hypervisor simulator")
+    hosts = simulated_host_names(base, options.simulate) if options.simulate is not None else [base]
+    try:
+        faults = dict(parse_fault_option(option) for option in options.fault)
+    except FaultConfigError as error:
+        raise ConfigError(str(error)) from None
+    config = AgentConfig(
+        hosts=hosts,
+        hypervisor=options.hypervisor,
+        libvirt_uri=options.libvirt_uri,
+        virt_type=options.virt_type,
+        network_driver=options.network_driver or ("simulator" if simulator else "linuxbridge"),
+        storage_driver=options.storage_driver or ("simulator" if simulator else "filesystem"),
+        simulated=SimulatedCapacity(cpus=options.sim_cpus, memory_mib=options.sim_memory_mib,
+                                    cpu_speed_mhz=options.sim_cpu_speed_mhz),
+        sim_storage_bytes=options.sim_storage_gib * 1024**3,
+        register_cluster=options.register_cluster,
+        node_name=options.node_name,
+        heartbeat_interval=options.heartbeat_interval,
+        lease_duration=options.lease_duration,
+        check_interval=options.check_interval or options.heartbeat_interval,
+        report_refresh=options.report_refresh,
+        call_timeout=options.call_timeout,
+        kubeconfig=options.kubeconfig,
+        faults=faults,
+        private_ip=options.private_ip,
+        api_threads=options.api_threads,
+    )
+    config.validate()
+    return config
+
+
+def build_workers(agent: Agent) -> list[HostWorker]:
+    """Drivers per host: a simulated host has its own fault injector; real drivers are shared."""
+    config = agent.config
+    network: NetworkDriver
+    if config.network_driver == "linuxbridge":
+        from .drivers.network.linuxbridge import LinuxBridgeDriver  # pyroute2 only where it is used
+        network = LinuxBridgeDriver()
+    else:
+        network = SimulatorNetworkDriver()
+    shared_storage: StorageDriver | None = None
+    if config.storage_driver == "filesystem":
+        from .drivers.storage.filesystem import FilesystemStorageDriver
+        shared_storage = FilesystemStorageDriver(timeout=min(config.call_timeout, 15.0))
+    workers = []
+    for name in config.hosts:
+        hypervisor: HypervisorDriver
+        faults: FaultInjector | None = None
+        if config.hypervisor == "simulator":
+            faults = FaultInjector(config.faults)
+            hypervisor = SimulatorDriver(config.simulated, faults, version=agent.version,
+                                         call_timeout=config.call_timeout)
+        else:
+            from .drivers.hypervisor.libvirt import LibvirtDriver  # libvirt-python only where it is used
+            hypervisor = LibvirtDriver(config.libvirt_uri, config.virt_type, call_timeout=config.call_timeout)
+        storage = shared_storage if shared_storage is not None else SimulatorStorageDriver(
+            faults or FaultInjector(), capacity_bytes=config.sim_storage_bytes, call_timeout=config.call_timeout)
+        workers.append(HostWorker(agent, name, hypervisor=hypervisor, storage=storage, network=network,
+                                  faults=faults))
+    return workers
+
+
+async def run(config: AgentConfig, kube: Kube) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    api = AsyncKube(kube, threads=config.api_threads)
+    try:
+        await Agent(config, api, build_workers).run(stop)
+    finally:
+        api.close()
+    log.info("agent stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parser().parse_args(argv)
+    agent_log.setup(options.log_level, options.log_format)
+    try:
+        config = build_config(options, os.environ)
+        configuration = load_configuration(config.kubeconfig)
+    except (ConfigError, ConfigException, OSError) as error:
+        print(f"cumulo-agent: {error}", file=sys.stderr)
+        return 2
+    if config.private_ip is None:
+        config.private_ip = default_private_ip(configuration.host)
+    kube = Kube(configuration, user_agent=f"cumulo-agent/{agent_version()}",
+                max_connections=config.api_threads + 8)
+    log.info("starting", extra={"hosts": len(config.hosts), "first_host": config.hosts[0],
+                                "hypervisor": config.hypervisor, "heartbeat_interval": config.heartbeat_interval,
+                                "lease_duration": config.lease_duration})
+    asyncio.run(run(config, kube))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
