@@ -25,6 +25,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from cumulo import envtest
+from controllers.api.crd import registry
 from controllers.api.v1alpha1.common import SYSTEM_NAMESPACE
 from libvirt_harness import LibvirtUnavailable, PrivateLibvirtd, unavailable_reason
 
@@ -231,8 +232,7 @@ class Cloud:
             raise
 
 
-_KINDS = {"hosts": "Host", "storagepools": "StoragePool", "imagestores": "ImageStore",
-          "physicalnetworks": "PhysicalNetwork"}
+_KINDS = {crd.plural_name: crd.kind for crd in registry()}
 
 
 @pytest.fixture
