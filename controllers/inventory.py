@@ -168,22 +168,29 @@ def cluster_status(cluster: Cluster, pod: HostPod | None, hosts: list[Host], clu
 # ---------------------------------------------------------------------------------------------
 
 
-def guest_allocation(vms: t.Iterable[VirtualMachine]) -> tuple[int, int]:
-    """vCPUs and MiB held by the guests placed on a host (their resolved launch description)."""
-    cpus = memory = 0
-    for vm in vms:
-        if vm.status.launch is not None:
-            cpus += vm.status.launch.cpu_number
-            memory += vm.status.launch.memory_mib
-    return cpus, memory
+@dataclasses.dataclass(frozen=True)
+class Guest:
+    """What one guest placed on a host holds there."""
+
+    cpu: int
+    memory_mib: int
 
 
-def host_capacity(host: Host, cluster: Cluster | None, vms: list[VirtualMachine],
+def guest_of(vm: VirtualMachine, offering: t.Any) -> Guest:
+    """A placed guest holds its launch's size, or its offering's until the launch is written."""
+    if vm.status.launch is not None:
+        return Guest(vm.status.launch.cpu_number, vm.status.launch.memory_mib)
+    if offering is not None:
+        return Guest(offering.spec.cpu_number, offering.spec.memory_mib)
+    return Guest(0, 0)
+
+
+def host_capacity(host: Host, cluster: Cluster | None, guests: list[Guest],
                   local_pools: list[StoragePool]) -> Capacity:
     node = host.status.node
     cpu_ratio = cluster.spec.cpu_overcommit_ratio if cluster else 1.0
     memory_ratio = cluster.spec.memory_overcommit_ratio if cluster else 1.0
-    cpus, memory = guest_allocation(vms)
+    cpus, memory = sum(g.cpu for g in guests), sum(g.memory_mib for g in guests)
     return Capacity(
         cpu_cores=CapacityFigure(total=int((node.cpu_cores or 0) * cpu_ratio) if node else 0, allocated=cpus),
         memory_mib=CapacityFigure(total=int((node.memory_mib or 0) * memory_ratio) if node else 0, allocated=memory),
@@ -198,7 +205,7 @@ def resource_state(host: Host, guests: int) -> ResourceState:
     return ResourceState.ENABLED if host.spec.allocation_state == ENABLED else ResourceState.DISABLED
 
 
-def host_status(host: Host, cluster: Cluster | None, connection: tuple[HostState, Check], vms: list[VirtualMachine],
+def host_status(host: Host, cluster: Cluster | None, connection: tuple[HostState, Check], guests: list[Guest],
                 local_pools: list[StoragePool], ctx: Context) -> HostStatus:
     state, heartbeat = connection
     parent = parent_check("Cluster", host.spec.cluster, cluster,
@@ -210,7 +217,7 @@ def host_status(host: Host, cluster: Cluster | None, connection: tuple[HostState
         hypervisor = Check.passed("Healthy")
     else:
         hypervisor = Check.failed("HypervisorError", node.message or "the hypervisor reported an error")
-    resources = resource_state(host, len(vms))
+    resources = resource_state(host, len(guests))
     if resources in (ResourceState.MAINTENANCE, ResourceState.PREPARE_FOR_MAINTENANCE):
         own = Check.failed("InMaintenance" if resources == ResourceState.MAINTENANCE else "PreparingForMaintenance",
                            f"the host is in {resources.value}: no new placements")
@@ -227,8 +234,8 @@ def host_status(host: Host, cluster: Cluster | None, connection: tuple[HostState
         effective_allocation_state=effective_allocation(host.spec.allocation_state, parent, own),
         zone=cluster.status.zone if cluster else None,
         pod=cluster.spec.pod if cluster else None,
-        capacity=host_capacity(host, cluster, vms, local_pools),
-        virtual_machines=len(vms),
+        capacity=host_capacity(host, cluster, guests, local_pools),
+        virtual_machines=len(guests),
         node=node,
     )
 

@@ -60,7 +60,8 @@ class HostReconciler(InventoryReconciler):
         self._next_check[name] = next_check
         return inventory.host_status(
             host, self.store.get("clusters", host.spec.cluster), (state, heartbeat),
-            self.store.by("virtualmachines", ".status.placement.host", name),
+            [inventory.guest_of(vm, self.store.get("serviceofferings", vm.spec.service_offering))
+             for vm in self.store.by("virtualmachines", ".status.placement.host", name)],
             self.store.by("storagepools", ".spec.host", name), ctx)
 
     def requeue(self, host: Host) -> Result:

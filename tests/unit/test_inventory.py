@@ -33,9 +33,7 @@ UP = (HostState.UP, Check.passed("LeaseRenewed"))
 
 
 def vm(name, cpus, memory):
-    return make(api.VirtualMachine, name, {"serviceOffering": "small", "template": {"name": "t"}, "zone": "z1"},
-                {"placement": {"host": "h1"}, "launch": {"host": "h1", "cpuNumber": cpus, "cpuSpeedMHz": 1000,
-                                                         "memoryMiB": memory}}, namespace="demo")
+    return inventory.Guest(cpus, memory)
 
 
 def test_host_capacity_applies_the_clusters_overcommit_ratios_and_counts_guests():

@@ -1,0 +1,235 @@
+"""The compute reconcilers (Template, Volume, VirtualMachine) driven through the runtime against an
+in-memory API, with the agents' reports written by the test."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fakeapi import FakeApi
+
+from controllers import kinds, reconcilers
+from controllers.api.v1alpha1.common import FINALIZER
+from controllers.api.v1alpha1.host import HEARTBEAT_LABEL, HOST_LABEL
+from controllers.runtime import Runtime
+
+GIB = 2**30
+API = "cumulo.io/v1alpha1"
+
+
+def obj(kind, name, spec, status=None, namespace=None, **meta):
+    metadata = {"name": name, **meta}
+    if namespace:
+        metadata["namespace"] = namespace
+    return {"apiVersion": API, "kind": kind, "metadata": metadata, "spec": spec, "status": status or {}}
+
+
+def world(api: FakeApi, hosts=("h1",), cpus=2, memory=1024) -> None:
+    api.put("zones", obj("Zone", "z1", {"networkType": "Advanced", "dns1": "192.0.2.1"}))
+    api.put("hostpods", obj("HostPod", "p1", {"zone": "z1", "cidr": "10.0.0.0/24", "gateway": "10.0.0.1",
+                                              "startIp": "10.0.0.5", "endIp": "10.0.0.9"}))
+    api.put("clusters", obj("Cluster", "c1", {"pod": "p1", "hypervisorType": "KVM"}))
+    api.put("imagestores", obj("ImageStore", "is1", {"zone": "z1", "path": "/images"}))
+    add_hosts(api, hosts, cpus, memory)
+    api.put("serviceofferings", obj("ServiceOffering", "small", {"cpuNumber": 1, "memoryMiB": 512,
+                                                                 "storageType": "local"}))
+    api.put("templates", obj("Template", "tiny", {"url": "file:///seed/tiny.qcow2", "format": "QCOW2"},
+                             namespace="demo"))
+
+
+def add_hosts(api: FakeApi, hosts, cpus=2, memory=1024) -> None:
+    for host in hosts:
+        node = {"hypervisorType": "KVM", "cpuCores": cpus, "memoryMiB": memory, "hypervisorHealthy": True,
+                "storagePools": {f"{host}-local": {"reachable": True, "capacityBytes": 100 * GIB, "usedBytes": 0}},
+                "imageStores": {"is1": {"reachable": True}}}
+        api.put("hosts", obj("Host", host, {"cluster": "c1"}, {"node": node}))
+        api.put("leases", {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                           "metadata": {"name": f"host-{host}", "namespace": "cumulo-system",
+                                        "labels": {HEARTBEAT_LABEL: host, HOST_LABEL: host}},
+                           "spec": {"renewTime": "2026-01-01T00:00:00.000000Z", "leaseDurationSeconds": 3600}})
+        api.put("storagepools", obj("StoragePool", f"{host}-local", {"zone": "z1", "scope": "Host",
+                                                                      "type": "Filesystem", "host": host,
+                                                                      "path": f"/pools/{host}"}))
+
+
+async def settle(runtime: Runtime, rounds: int = 3) -> None:
+    quiet = 0
+    for _ in range(2000):
+        await asyncio.sleep(0.005)
+        busy = len(runtime.queue) or runtime.queue._active
+        quiet = 0 if busy else quiet + 1
+        if quiet >= rounds:
+            return
+    raise AssertionError("the runtime did not settle")
+
+
+async def start(api: FakeApi) -> Runtime:
+    runtime = Runtime(api, kinds.ALL, reconcilers.ALL, workers=2)
+    api.runtime = runtime
+    await runtime.start()
+    await settle(runtime)
+    return runtime
+
+
+def agent_downloads(api: FakeApi) -> None:
+    template = api.get("templates", "tiny", "demo")
+    copy = template["status"]["zones"][0]
+    assert template["metadata"]["labels"][HOST_LABEL] == copy["host"]
+    template["status"]["download"] = {"zone": "z1", "host": copy["host"], "state": "Ready", "percent": 100,
+                                      "detectedFormat": "QCOW2", "checksum": "sha256:" + "0" * 64,
+                                      "virtualSizeBytes": GIB, "physicalSizeBytes": GIB // 64}
+    api.put("templates", template)
+
+
+def agent_creates_disk(api: FakeApi, name: str) -> dict:
+    volume = api.get("volumes", name, "demo")
+    volume["status"]["node"] = {"exists": True, "sizeBytes": volume["status"]["sizeBytes"]}
+    api.put("volumes", volume)
+    return volume
+
+
+def agent_runs(api: FakeApi, name: str, state: str = "running") -> None:
+    vm = api.get("virtualmachines", name, "demo")
+    vm["status"]["node"] = {"host": vm["status"]["launch"]["host"] if vm["status"].get("launch") else None,
+                            "domainState": state, "disks": [d["volume"] for d in
+                                                           (vm["status"].get("launch") or {}).get("disks", [])]}
+    api.put("virtualmachines", vm)
+
+
+def conditions(raw):
+    return {c["type"]: c for c in raw["status"].get("conditions", [])}
+
+
+def test_a_vm_goes_from_template_to_running_and_back_to_stopped():
+    async def scenario():
+        api = FakeApi()
+        world(api)
+        runtime = await start(api)
+        template = api.get("templates", "tiny", "demo")
+        assert template["status"]["state"] == "Downloading" and template["status"]["zones"][0]["host"] == "h1"
+        agent_downloads(api)
+        await settle(runtime)
+        template = api.get("templates", "tiny", "demo")
+        assert template["status"]["state"] == "Ready" and HOST_LABEL not in template["metadata"].get("labels", {})
+
+        api.put("virtualmachines", obj("VirtualMachine", "vm1", {"serviceOffering": "small",
+                                                                 "template": {"name": "tiny"}, "zone": "z1"},
+                                       namespace="demo"))
+        await settle(runtime)
+        vm = api.get("virtualmachines", "vm1", "demo")
+        assert vm["status"]["placement"]["host"] == "h1" and vm["metadata"]["labels"][HOST_LABEL] == "h1"
+        assert conditions(vm)["Scheduled"]["status"] == "True" and vm["status"]["phase"] == "Starting"
+        root = api.get("volumes", "vm1-root", "demo")
+        assert root["spec"]["storagePool"] == "h1-local" and root["spec"]["fromTemplate"]["name"] == "tiny"
+        assert root["status"]["path"] == "/pools/h1/uid-vm1-root.qcow2"
+        assert root["status"]["baseImage"]["source"].startswith("/images/templates/demo/tiny-")
+        assert root["status"]["sizeBytes"] == GIB and root["metadata"]["labels"][HOST_LABEL] == "h1"
+        assert "launch" not in vm["status"], "launched before the root disk existed"
+
+        agent_creates_disk(api, "vm1-root")
+        await settle(runtime)
+        vm = api.get("virtualmachines", "vm1", "demo")
+        launch = vm["status"]["launch"]
+        assert launch["host"] == "h1" and launch["cpuNumber"] == 1 and launch["memoryMiB"] == 512
+        assert launch["disks"][0]["path"] == "/pools/h1/uid-vm1-root.qcow2" and launch["powerState"] == "Running"
+        agent_runs(api, "vm1")
+        await settle(runtime)
+        vm = api.get("virtualmachines", "vm1", "demo")
+        assert vm["status"]["phase"] == "Running" and conditions(vm)["Ready"]["status"] == "True"
+        host = api.get("hosts", "h1")
+        assert host["status"]["capacity"]["cpuCores"]["allocated"] == 1
+        assert runtime.reconcilers["virtualmachines"].ledger.used("h1") == (1, 512)
+
+        vm["spec"]["state"] = "Stopped"
+        api.put("virtualmachines", vm)
+        await settle(runtime)
+        vm = api.get("virtualmachines", "vm1", "demo")
+        assert vm["status"]["phase"] == "Stopping" and vm["status"]["launch"]["powerState"] == "Stopped"
+        agent_runs(api, "vm1", state="shutoff")
+        await settle(runtime)
+        vm = api.get("virtualmachines", "vm1", "demo")
+        assert vm["status"]["phase"] == "Stopped" and "placement" not in vm["status"]
+        assert runtime.reconcilers["virtualmachines"].ledger.used("h1") == (0, 0)
+        await runtime.stop()
+
+    asyncio.run(scenario())
+
+
+def test_no_capacity_is_reported_and_retried_when_a_host_appears():
+    async def scenario():
+        api = FakeApi()
+        world(api, cpus=1)
+        runtime = await start(api)
+        agent_downloads(api)
+        await settle(runtime)
+        for name in ("a", "b"):
+            api.put("virtualmachines", obj("VirtualMachine", name, {"serviceOffering": "small",
+                                                                    "template": {"name": "tiny"}, "zone": "z1"},
+                                           namespace="demo"))
+        await settle(runtime)
+        placed = [api.get("virtualmachines", n, "demo")["status"].get("placement") for n in ("a", "b")]
+        assert sum(1 for p in placed if p) == 1
+        waiting = next(api.get("virtualmachines", n, "demo") for n in ("a", "b")
+                       if not api.get("virtualmachines", n, "demo")["status"].get("placement"))
+        scheduled = conditions(waiting)["Scheduled"]
+        assert scheduled["reason"] == "InsufficientCapacity" and "h1 has 0 of 1 vCPUs free" in scheduled["message"]
+        add_hosts(api, ("h2",), cpus=1)
+        await settle(runtime)
+        waiting = api.get("virtualmachines", waiting["metadata"]["name"], "demo")
+        assert waiting["status"]["placement"]["host"] == "h2"
+        await runtime.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_private_template_of_another_namespace_is_refused():
+    async def scenario():
+        api = FakeApi()
+        world(api)
+        runtime = await start(api)
+        agent_downloads(api)
+        api.put("virtualmachines", obj("VirtualMachine", "x", {"serviceOffering": "small", "zone": "z1",
+                                                               "template": {"name": "tiny", "namespace": "demo"}},
+                                       namespace="other"))
+        await settle(runtime)
+        vm = api.get("virtualmachines", "x", "other")
+        assert conditions(vm)["Ready"]["reason"] == "TemplateNotVisible"
+        assert vm["status"]["phase"] == "Stopped" and not vm["status"].get("placement")
+        await runtime.stop()
+
+    asyncio.run(scenario())
+
+
+def test_deleting_a_running_vm_stops_it_deletes_its_root_disk_and_releases_capacity():
+    async def scenario():
+        api = FakeApi()
+        world(api)
+        runtime = await start(api)
+        agent_downloads(api)
+        api.put("virtualmachines", obj("VirtualMachine", "vm1", {"serviceOffering": "small",
+                                                                 "template": {"name": "tiny"}, "zone": "z1"},
+                                       namespace="demo"))
+        await settle(runtime)
+        agent_creates_disk(api, "vm1-root")
+        await settle(runtime)
+        agent_runs(api, "vm1")
+        await settle(runtime)
+        vm = api.get("virtualmachines", "vm1", "demo")
+        assert FINALIZER in vm["metadata"]["finalizers"]
+        await api.delete(kinds.VIRTUALMACHINES, "vm1", "demo")
+        await settle(runtime)
+        vm = api.get("virtualmachines", "vm1", "demo")
+        assert vm["status"]["phase"] == "Expunging" and vm["status"]["launch"]["powerState"] == "Stopped"
+        agent_runs(api, "vm1", state="shutoff")
+        await settle(runtime)
+        root = api.get("volumes", "vm1-root", "demo")
+        assert root["metadata"].get("deletionTimestamp"), "root disk not being deleted"
+        root["status"]["node"] = {"exists": False}
+        api.put("volumes", root)
+        await settle(runtime)
+        assert api.get("volumes", "vm1-root", "demo") is None
+        assert api.get("virtualmachines", "vm1", "demo") is None
+        assert runtime.reconcilers["virtualmachines"].ledger.used("h1") == (0, 0)
+        await runtime.stop()
+
+    asyncio.run(scenario())
+
