@@ -233,3 +233,53 @@ def test_deleting_a_running_vm_stops_it_deletes_its_root_disk_and_releases_capac
 
     asyncio.run(scenario())
 
+
+
+def test_a_data_volume_follows_its_guest_attach_resize_detach():
+    async def scenario():
+        api = FakeApi()
+        world(api)
+        api.put("diskofferings", obj("DiskOffering", "local-disk", {"diskSizeGiB": 2, "storageType": "local"}))
+        runtime = await start(api)
+        agent_downloads(api)
+        api.put("volumes", obj("Volume", "data1", {"zone": "z1", "diskOffering": "local-disk"}, namespace="demo"))
+        api.put("virtualmachines", obj("VirtualMachine", "vm1", {"serviceOffering": "small",
+                                                                 "template": {"name": "tiny"}, "zone": "z1"},
+                                       namespace="demo"))
+        await settle(runtime)
+        assert api.get("volumes", "data1", "demo")["status"]["phase"] == "Allocated"
+        agent_creates_disk(api, "vm1-root")
+        await settle(runtime)
+        agent_runs(api, "vm1")
+        await settle(runtime)
+
+        volume = api.get("volumes", "data1", "demo")
+        volume["spec"]["virtualMachine"] = {"name": "vm1"}
+        api.put("volumes", volume)
+        await settle(runtime)
+        volume = api.get("volumes", "data1", "demo")
+        assert volume["status"]["storagePool"] == "h1-local" and volume["status"]["sizeBytes"] == 2 * GIB
+        assert volume["status"]["phase"] == "Creating" and "baseImage" not in volume["status"]
+        agent_creates_disk(api, "data1")
+        await settle(runtime)
+        disks = api.get("virtualmachines", "vm1", "demo")["status"]["launch"]["disks"]
+        assert [(d["volume"], d["device"]) for d in disks] == [("vm1-root", "vda"), ("data1", "vdb")]
+        agent_runs(api, "vm1")
+        await settle(runtime)
+        assert api.get("volumes", "data1", "demo")["status"]["phase"] == "Attached"
+
+        volume = api.get("volumes", "data1", "demo")
+        volume["spec"]["sizeGiB"] = 3
+        api.put("volumes", volume)
+        await settle(runtime)
+        volume = api.get("volumes", "data1", "demo")
+        assert volume["status"]["sizeBytes"] == 3 * GIB and conditions(volume)["Ready"]["reason"] == "Resizing"
+
+        del volume["spec"]["virtualMachine"]
+        api.put("volumes", volume)
+        await settle(runtime)
+        disks = api.get("virtualmachines", "vm1", "demo")["status"]["launch"]["disks"]
+        assert [d["volume"] for d in disks] == ["vm1-root"]
+        await runtime.stop()
+
+    asyncio.run(scenario())
