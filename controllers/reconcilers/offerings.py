@@ -2,50 +2,45 @@
 
 from __future__ import annotations
 
+import typing as t
+
 from controllers import inventory, kinds
-from controllers.api.v1alpha1.diskoffering import DiskOffering, DiskOfferingStatus
-from controllers.api.v1alpha1.networkoffering import NetworkOffering, NetworkOfferingStatus
-from controllers.api.v1alpha1.serviceoffering import ServiceOffering, ServiceOfferingStatus
+from controllers.api.v1alpha1.diskoffering import DiskOfferingStatus
+from controllers.api.v1alpha1.networkoffering import NetworkOfferingStatus
+from controllers.api.v1alpha1.serviceoffering import ServiceOfferingStatus
 from controllers.reconcilers.base import Dependents, InventoryReconciler
 
 
-class ServiceOfferingReconciler(InventoryReconciler):
+class OfferingReconciler(InventoryReconciler):
+    """An offering is Ready while enabled; its users (its only dependents) are counted in ``users_field``."""
+
+    status_class: t.ClassVar[type]
+    users_field: t.ClassVar[str]
+
+    def derive(self, offering: t.Any, ctx: inventory.Context) -> t.Any:
+        ready = inventory.offering_ready(offering.spec.enabled)
+        generation = offering.metadata.generation
+        (users,) = self.dependents
+        return self.status_class(**{
+            "observed_generation": generation, "phase": inventory.phase(ctx, ready),
+            "conditions": inventory.conditions(offering.status.conditions, generation, ctx, ready),
+            self.users_field: len(self.store.by(users.plural, users.index, offering.metadata.name)),
+        })
+
+
+class ServiceOfferingReconciler(OfferingReconciler):
     kind = kinds.SERVICEOFFERINGS
     dependents = (Dependents("virtualmachines", ".spec.serviceOffering"),)
-
-    def derive(self, offering: ServiceOffering, ctx: inventory.Context):
-        ready = inventory.offering_ready(offering.spec.enabled)
-        generation = offering.metadata.generation
-        return ServiceOfferingStatus(
-            observed_generation=generation, phase=inventory.phase(ctx, ready),
-            conditions=inventory.conditions(offering.status.conditions, generation, ctx, ready),
-            virtual_machines=len(self.store.by("virtualmachines", ".spec.serviceOffering", offering.metadata.name)),
-        )
+    status_class, users_field = ServiceOfferingStatus, "virtual_machines"
 
 
-class DiskOfferingReconciler(InventoryReconciler):
+class DiskOfferingReconciler(OfferingReconciler):
     kind = kinds.DISKOFFERINGS
     dependents = (Dependents("volumes", ".spec.diskOffering"),)
-
-    def derive(self, offering: DiskOffering, ctx: inventory.Context):
-        ready = inventory.offering_ready(offering.spec.enabled)
-        generation = offering.metadata.generation
-        return DiskOfferingStatus(
-            observed_generation=generation, phase=inventory.phase(ctx, ready),
-            conditions=inventory.conditions(offering.status.conditions, generation, ctx, ready),
-            volumes=len(self.store.by("volumes", ".spec.diskOffering", offering.metadata.name)),
-        )
+    status_class, users_field = DiskOfferingStatus, "volumes"
 
 
-class NetworkOfferingReconciler(InventoryReconciler):
+class NetworkOfferingReconciler(OfferingReconciler):
     kind = kinds.NETWORKOFFERINGS
     dependents = (Dependents("networks", ".spec.networkOffering"),)
-
-    def derive(self, offering: NetworkOffering, ctx: inventory.Context):
-        ready = inventory.offering_ready(offering.spec.enabled)
-        generation = offering.metadata.generation
-        return NetworkOfferingStatus(
-            observed_generation=generation, phase=inventory.phase(ctx, ready),
-            conditions=inventory.conditions(offering.status.conditions, generation, ctx, ready),
-            networks=len(self.store.by("networks", ".spec.networkOffering", offering.metadata.name)),
-        )
+    status_class, users_field = NetworkOfferingStatus, "networks"
