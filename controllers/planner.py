@@ -103,7 +103,7 @@ class Ledger:
         self._by_guest: dict[str, Reservation] = {}
         self._cpu: collections.Counter[str] = collections.Counter()
         self._memory: collections.Counter[str] = collections.Counter()
-        self._owners: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        self._guests_of_owner: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         self._pool_bytes: collections.Counter[str] = collections.Counter()
         self._pool_by_volume: dict[str, tuple[str, int]] = {}
 
@@ -112,14 +112,14 @@ class Ledger:
         self._by_guest[key] = Reservation(host, cpu, memory_mib, owner)
         self._cpu[host] += cpu
         self._memory[host] += memory_mib
-        self._owners[host][owner] += 1
+        self._guests_of_owner[owner][host] += 1
 
     def release(self, key: str) -> Reservation | None:
         reservation = self._by_guest.pop(key, None)
         if reservation is not None:
             self._cpu[reservation.host] -= reservation.cpu
             self._memory[reservation.host] -= reservation.memory_mib
-            self._owners[reservation.host][reservation.owner] -= 1
+            self._guests_of_owner[reservation.owner][reservation.host] -= 1
         return reservation
 
     def reserve_disk(self, volume_key: str, pool: str, size_bytes: int) -> None:
@@ -142,7 +142,14 @@ class Ledger:
         return self._pool_bytes[pool]
 
     def owner_count(self, host: str, owner: str) -> int:
-        return self._owners[host][owner]
+        return self._guests_of_owner.get(owner, {}).get(host, 0)
+
+    def guests_of(self, owner: str) -> t.Mapping[str, int]:
+        """Number of the owner's guests per host."""
+        return self._guests_of_owner.get(owner, {})
+
+    def memory_used(self) -> t.Mapping[str, int]:
+        return self._memory
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,31 +181,63 @@ def _affinity(request: Request, host: HostCandidate) -> str:
     return ""
 
 
-def _storage_pools(request: Request, host: HostCandidate, pools: t.Sequence[PoolCandidate],
-                   ledger: Ledger) -> tuple[list[PoolCandidate], str]:
-    """Pools the root disk could go to from this host, roomiest first, or why there is none."""
+class Inventory:
+    """Hosts and pools indexed for planning; build it once and reuse it while they do not change."""
+
+    def __init__(self, hosts: t.Iterable[HostCandidate], pools: t.Iterable[PoolCandidate]):
+        self.hosts_by_zone: dict[str, list[HostCandidate]] = collections.defaultdict(list)
+        for host in sorted(hosts, key=lambda h: h.name):
+            self.hosts_by_zone[host.zone].append(host)
+        self.pools_by_host: dict[str, list[PoolCandidate]] = collections.defaultdict(list)
+        for pool in pools:
+            for host in pool.hosts:
+                self.pools_by_host[host].append(pool)
+
+
+def _storage_pools(request: Request, host: HostCandidate, inventory: Inventory,
+                   ledger: Ledger) -> tuple[PoolCandidate | None, str]:
+    """The roomiest pool the root disk could go to from this host, or why there is none."""
     local = request.storage_type == "local"
-    reachable = [p for p in pools if p.usable and p.local == local and host.name in p.hosts
+    reachable = [p for p in inventory.pools_by_host.get(host.name, ()) if p.usable and p.local == local
                  and request.storage_tags <= p.tags]
     if not reachable:
         kind = "local" if local else "shared"
         tags = f" with storage tags {sorted(request.storage_tags)}" if request.storage_tags else ""
-        return [], f"reaches no usable {kind} pool{tags}"
-    roomy = [p for p in reachable
-             if p.capacity_bytes - max(p.allocated_bytes, ledger.pool_allocated(p.name)) >= request.disk_bytes]
-    if not roomy:
-        return [], f"its pools lack {request.disk_bytes // 2**30} GiB free"
-    roomy.sort(key=lambda p: (-(p.capacity_bytes - max(p.allocated_bytes, ledger.pool_allocated(p.name))), p.name))
-    return roomy, ""
+        return None, f"reaches no usable {kind} pool{tags}"
+    best, best_free = None, -1
+    for pool in reachable:
+        free = pool.capacity_bytes - max(pool.allocated_bytes, ledger.pool_allocated(pool.name))
+        if free >= request.disk_bytes and (free > best_free or free == best_free and pool.name < best.name):
+            best, best_free = pool, free
+    if best is None:
+        return None, f"its pools lack {request.disk_bytes // 2**30} GiB free"
+    return best, ""
 
 
-def plan(request: Request, hosts: t.Sequence[HostCandidate], pools: t.Sequence[PoolCandidate], ledger: Ledger,
+def _random_order(hosts: list[HostCandidate], rng: random.Random) -> t.Iterator[HostCandidate]:
+    """Hosts in random order: a few uniform draws first (cheap when most hosts fit; the first fitting
+    draw is uniform among the fitting hosts), then every host shuffled (the caller skips repeats)."""
+    if not hosts:
+        return
+    for _ in range(8):
+        yield hosts[rng.randrange(len(hosts))]
+    rest = list(hosts)
+    rng.shuffle(rest)
+    yield from rest
+
+
+def plan(request: Request, inventory: Inventory, ledger: Ledger,
          algorithm: AllocationAlgorithm = AllocationAlgorithm.FIRST_FIT,
          rng: random.Random | None = None) -> Decision:
-    """Choose a host and a root-disk pool for ``request``, or say precisely why none fits."""
+    """Choose a host and a root-disk pool for ``request``, or say precisely why none fits.
+
+    Each allocator is an order of the hosts, and the first host that fits wins: name order for
+    FirstFit, random for Random, fewest guests of the owner for UserDispersing. Non-strict affinity
+    preferences compare every fitting host. Only a refusal needs every host examined, to say why each
+    was dropped.
+    """
     eliminated: collections.Counter[str] = collections.Counter()
     examples: dict[str, str] = {}
-    fits: list[tuple[HostCandidate, PoolCandidate]] = []
     preferred_anti: set[str] = set()
     preferred_with: set[str] = set()
     for rule in request.affinity:
@@ -206,13 +245,28 @@ def plan(request: Request, hosts: t.Sequence[HostCandidate], pools: t.Sequence[P
             preferred_anti |= rule.member_hosts
         elif rule.kind == "NonStrictHostAffinity":
             preferred_with |= rule.member_hosts
+    compare_all = bool(preferred_anti or preferred_with)
 
     def drop(host: HostCandidate, category: str, why: str) -> None:
         eliminated[category] += 1
         examples.setdefault(category, f"{host.name} {why}")
 
-    in_zone = [h for h in hosts if h.zone == request.zone]
-    for host in sorted(in_zone, key=lambda h: h.name):
+    in_zone = inventory.hosts_by_zone.get(request.zone, [])
+    order: t.Iterable[HostCandidate] = in_zone
+    if algorithm == AllocationAlgorithm.RANDOM:
+        order = _random_order(in_zone, rng or random.Random())
+    elif algorithm == AllocationAlgorithm.USER_DISPERSING:
+        # Fewest guests of this owner first, then the emptiest host, as CloudStack's UserDispersing does;
+        # the first host that fits in this order is the one it would choose.
+        owned, memory = ledger.guests_of(request.owner), ledger.memory_used()
+        order = sorted(in_zone, key=lambda h: (owned.get(h.name, 0), memory.get(h.name, 0) / (h.memory_total_mib or 1),
+                                               h.name))
+    fits: list[tuple[HostCandidate, PoolCandidate]] = []
+    seen: set[str] = set()
+    for host in order:
+        if host.name in seen:
+            continue
+        seen.add(host.name)
         if why := _pinned(request, host):
             drop(host, "pinned", why)
         elif host.unusable:
@@ -232,34 +286,24 @@ def plan(request: Request, hosts: t.Sequence[HostCandidate], pools: t.Sequence[P
                 drop(host, "memory", f"has {max(host.memory_total_mib - memory_used, 0)} of "
                                      f"{request.memory_mib} MiB free")
                 continue
-            candidates, why = _storage_pools(request, host, pools, ledger)
-            if not candidates:
+            pool, why = _storage_pools(request, host, inventory, ledger)
+            if pool is None:
                 drop(host, "storage-capacity" if "free" in why else "storage", why)
                 continue
-            fits.append((host, candidates[0]))
+            fits.append((host, pool))
+            if not compare_all:
+                break
 
     if not fits:
         return _refusal(request, len(in_zone), eliminated, examples)
     if preferred_anti or preferred_with:
-        ranked = sorted(fits, key=lambda fit: (fit[0].name in preferred_anti,
-                                               bool(preferred_with) and fit[0].name not in preferred_with))
-        best = (ranked[0][0].name in preferred_anti, bool(preferred_with) and ranked[0][0].name not in preferred_with)
-        fits = [fit for fit in ranked if (fit[0].name in preferred_anti,
-                                          bool(preferred_with) and fit[0].name not in preferred_with) == best]
-    host, pool = _allocate(request, fits, ledger, algorithm, rng or random.Random())
+        def rank(fit: tuple[HostCandidate, PoolCandidate]) -> tuple[bool, bool]:
+            return fit[0].name in preferred_anti, bool(preferred_with) and fit[0].name not in preferred_with
+        best = min(rank(fit) for fit in fits)
+        fits = [fit for fit in fits if rank(fit) == best]
+    host, pool = fits[0]
     return Decision(host.name, pool.name, "Scheduled",
                     f"placed on host {host.name} (cluster {host.cluster}) with the root disk on pool {pool.name}")
-
-
-def _allocate(request: Request, fits: list[tuple[HostCandidate, PoolCandidate]], ledger: Ledger,
-              algorithm: AllocationAlgorithm, rng: random.Random) -> tuple[HostCandidate, PoolCandidate]:
-    if algorithm == AllocationAlgorithm.RANDOM:
-        return rng.choice(fits)
-    if algorithm == AllocationAlgorithm.USER_DISPERSING:
-        # Fewest guests of this owner first; then the emptiest host, as CloudStack's UserDispersing does.
-        return min(fits, key=lambda fit: (ledger.owner_count(fit[0].name, request.owner),
-                                          ledger.used(fit[0].name)[1] / max(fit[0].memory_total_mib, 1), fit[0].name))
-    return fits[0]
 
 
 CATEGORY_TEXT = {

@@ -78,6 +78,7 @@ class Store:
         self.kinds = {kind.plural: kind for kind in kinds}
         self._objects: dict[str, dict[tuple[str | None, str], t.Any]] = {plural: {} for plural in self.kinds}
         self._raw_versions: dict[Key, str] = {}
+        self._changes: collections.Counter[str] = collections.Counter()
         self._indexers: dict[tuple[str, str], t.Callable[[t.Any], t.Iterable[str]]] = {}
         self._indexes: dict[tuple[str, str], dict[str, set[tuple[str | None, str]]]] = {}
 
@@ -98,6 +99,7 @@ class Store:
         if old is not None and self._raw_versions.get(key) == version:
             return old, old
         new = self.kinds[plural].parse(raw)
+        self._changes[plural] += 1
         self._objects[plural][object_key] = new
         self._raw_versions[key] = version
         self._reindex(plural, object_key, old, new)
@@ -107,6 +109,7 @@ class Store:
         key = key_of(plural, raw)
         old = self._objects[plural].pop(key[1:], None)
         self._raw_versions.pop(key, None)
+        self._changes[plural] += 1
         if old is not None:
             self._reindex(plural, key[1:], old, None)
         return old
@@ -120,6 +123,10 @@ class Store:
                 index[value].discard(object_key)
             for value in values(new) if new is not None else ():
                 index[value].add(object_key)
+
+    def changes(self, plural: str) -> int:
+        """A counter that moves whenever an object of ``plural`` changes (for caches derived from them)."""
+        return self._changes[plural]
 
     def get(self, plural: str, name: str | None, namespace: str | None = None) -> t.Any | None:
         if name is None:

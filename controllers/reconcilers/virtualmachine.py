@@ -10,6 +10,7 @@ when the object is deleted, its root disk is deleted and the object goes.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import typing as t
 
@@ -66,6 +67,7 @@ class VirtualMachineReconciler(InventoryReconciler):
                    if v.spec.virtual_machine else [])
         self.index("hosts", ".status.zone", lambda host: [host.status.zone] if host.status.zone else [])
         self._waiting_for_capacity: set[tuple[str, str]] = set()
+        self._inventory_cache: tuple[tuple, planner.Inventory] | None = None
 
     def primed(self) -> None:
         """Rebuild the ledger from the placements recorded in the objects."""
@@ -145,6 +147,13 @@ class VirtualMachineReconciler(InventoryReconciler):
         memory = launch.memory_mib if launch else (offering.spec.memory_mib if offering else 0)
         self.ledger.reserve(vm_key(vm), host, cpu, memory, vm.metadata.namespace)
 
+    def _inventory(self, zone: str) -> planner.Inventory:
+        """The planner's view of the zone, rebuilt only when a host or pool changed."""
+        version = (zone, self.store.changes("hosts"), self.store.changes("storagepools"))
+        if self._inventory_cache is None or self._inventory_cache[0] != version:
+            self._inventory_cache = (version, planner.Inventory(*self._candidates(zone)))
+        return self._inventory_cache[1]
+
     def _candidates(self, zone: str) -> tuple[list[planner.HostCandidate], list[planner.PoolCandidate]]:
         hosts = []
         for host in self.store.by("hosts", ".status.zone", zone):
@@ -201,13 +210,15 @@ class VirtualMachineReconciler(InventoryReconciler):
             memory_mib=offering.spec.memory_mib, hypervisor=hypervisor, host_tags=frozenset(offering.spec.host_tags),
             storage_type=offering.spec.storage_type.value, storage_tags=frozenset(offering.spec.storage_tags),
             disk_bytes=disk_bytes, affinity=self._affinity(vm), pod=pin.pod, cluster=pin.cluster, host=pin.host)
-        hosts, pools = self._candidates(vm.spec.zone)
         existing_pool = root.status.storage_pool if root is not None else None
         if existing_pool:
             # The root disk already exists: only hosts that reach its pool will do.
-            pools = [p for p in pools if p.name == existing_pool]
-            request = planner.Request(**{**request.__dict__, "disk_bytes": 0})
-        return planner.plan(request, hosts, pools, self.ledger, zone.spec.allocation_algorithm
+            hosts, pools = self._candidates(vm.spec.zone)
+            inventory = planner.Inventory(hosts, [p for p in pools if p.name == existing_pool])
+            request = dataclasses.replace(request, disk_bytes=0)
+        else:
+            inventory = self._inventory(vm.spec.zone)
+        return planner.plan(request, inventory, self.ledger, zone.spec.allocation_algorithm
                             if zone else AllocationAlgorithm.FIRST_FIT)
 
     # -- derive ---------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 import random
 
 from controllers.api.v1alpha1.zone import AllocationAlgorithm
-from controllers.planner import AffinityRule, HostCandidate, Ledger, PoolCandidate, Request, plan
+from controllers.planner import AffinityRule, HostCandidate, Inventory, Ledger, PoolCandidate, Request
+from controllers.planner import plan as plan_on
 
 GIB = 2**30
 
@@ -21,6 +22,10 @@ def request(name="demo/vm", cpu=1, memory=512, **kw):
     defaults = dict(owner="demo", zone="z1", hypervisor="KVM", storage_type="local", disk_bytes=GIB)
     defaults.update(kw)
     return Request(key=name, cpu=cpu, memory_mib=memory, **defaults)
+
+
+def plan(request, hosts, pools, ledger, *args):
+    return plan_on(request, Inventory(hosts, pools), ledger, *args)
 
 
 HOSTS = [host("h1"), host("h2")]
