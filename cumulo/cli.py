@@ -1,4 +1,4 @@
-"""`cumulo`: developer and operator commands (CRD generation, toolchain, the local cloud)."""
+"""`cumulo`: developer and operator commands (CRD generation, toolchain, the local cloud, guest consoles)."""
 
 from __future__ import annotations
 
@@ -38,17 +38,103 @@ def _toolchain(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from cumulo import localcloud
+    from cumulo import envtest, localcloud
 
-    localcloud.up()
+    try:
+        localcloud.up(args.state_dir, timeout=args.timeout)
+    except (localcloud.LocalCloudError, envtest.ControlPlaneError, envtest.KubectlError) as error:
+        print(f"cumulo up: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
 def _down(args: argparse.Namespace) -> int:
     from cumulo import localcloud
 
-    localcloud.down()
+    localcloud.down(args.state_dir)
     return 0
+
+
+def _console_kubeconfig(flag: str | None) -> str | None:
+    """--kubeconfig, else $KUBECONFIG, else the local cloud's admin kubeconfig (.cumulo/kubeconfig), else the
+    client's default (~/.kube/config)."""
+    import os
+
+    if flag:
+        return flag
+    if os.environ.get("KUBECONFIG"):
+        return None  # the client reads it (a list of files, too)
+    local = REPO / ".cumulo" / "kubeconfig"
+    return str(local) if local.exists() else None
+
+
+def _console(args: argparse.Namespace) -> int:
+    """Print (or follow) a guest's serial console log, found through its status.node.consoleLog."""
+    import os
+    import time
+
+    from kubernetes import client, config
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.config.config_exception import ConfigException
+
+    namespace, sep, name = args.vm.rpartition("/")
+    if not sep:
+        namespace = args.namespace or "default"
+    if not name or not namespace:
+        print(f"cumulo console: {args.vm!r}: expected <namespace>/<name> or <name>", file=sys.stderr)
+        return 2
+    try:
+        api = client.CustomObjectsApi(config.new_client_from_config(config_file=_console_kubeconfig(args.kubeconfig)))
+    except (ConfigException, OSError) as error:
+        print(f"cumulo console: cannot load a kubeconfig: {error}", file=sys.stderr)
+        return 2
+
+    def console_path() -> tuple[str | None, str]:
+        vm = api.get_namespaced_custom_object("cumulo.io", "v1alpha1", namespace, "virtualmachines", name)
+        node = (vm.get("status") or {}).get("node") or {}
+        return node.get("consoleLog"), node.get("host") or "?"
+
+    try:
+        path, host = console_path()
+    except ApiException as error:
+        reason = "not found" if error.status == 404 else f"{error.status} {error.reason}"
+        print(f"cumulo console: VirtualMachine {namespace}/{name}: {reason}", file=sys.stderr)
+        return 1
+    if not path:
+        print(f"cumulo console: VirtualMachine {namespace}/{name} has no console log yet (it has not been started "
+              "on a libvirt host)", file=sys.stderr)
+        return 1
+    out = sys.stdout.buffer
+    position = 0
+    inode = None
+    try:
+        while True:
+            try:
+                with open(path, "rb") as file:
+                    stat = os.fstat(file.fileno())
+                    if inode is not None and (stat.st_ino != inode or stat.st_size < position):
+                        position = 0  # rotated or truncated: start over
+                    inode = stat.st_ino
+                    file.seek(position)
+                    data = file.read()
+                    position += len(data)
+            except FileNotFoundError:
+                if not args.follow:
+                    print(f"cumulo console: {path} does not exist here; the console log is on host {host}",
+                          file=sys.stderr)
+                    return 1
+                data = b""
+            except PermissionError as error:
+                print(f"cumulo console: cannot read {path}: {error.strerror}", file=sys.stderr)
+                return 1
+            if data:
+                out.write(data)
+                out.flush()
+            if not args.follow:
+                return 0
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,8 +150,23 @@ def main(argv: list[str] | None = None) -> int:
     tools.add_argument("--pin", nargs=2, metavar=("TOOL", "VERSION"), help="move a tool to a new upstream version")
     tools.set_defaults(func=_toolchain)
 
-    commands.add_parser("up", help="start the local cloud (idempotent)").set_defaults(func=_up)
-    commands.add_parser("down", help="stop the local cloud (idempotent)").set_defaults(func=_down)
+    state_dir = {"type": Path, "default": None, "metavar": "DIR",
+                 "help": "where the local cloud keeps its state, logs and kubeconfig (default: .cumulo/)"}
+    up = commands.add_parser("up", help="start the local cloud and wait until its hosts are Up (idempotent)")
+    up.add_argument("--state-dir", **state_dir)
+    up.add_argument("--timeout", type=float, default=120.0, help="seconds the hosts get to come Up (default: 120)")
+    up.set_defaults(func=_up)
+    down = commands.add_parser("down", help="stop everything `cumulo up` started (idempotent)")
+    down.add_argument("--state-dir", **state_dir)
+    down.set_defaults(func=_down)
+
+    console = commands.add_parser("console", help="print or follow a VirtualMachine's serial console log")
+    console.add_argument("vm", metavar="NAMESPACE/NAME", help="the VirtualMachine (a bare name: --namespace)")
+    console.add_argument("-f", "--follow", action="store_true", help="keep printing what the guest writes")
+    console.add_argument("-n", "--namespace", help="namespace of a bare VM name (default: default)")
+    console.add_argument("--kubeconfig", help="admin kubeconfig (default: $KUBECONFIG, .cumulo/kubeconfig, "
+                                              "~/.kube/config)")
+    console.set_defaults(func=_console)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import datetime
 import fcntl
 import http.client
@@ -43,13 +42,12 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +57,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cumulo import toolchain
+from cumulo import processes, toolchain
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -68,8 +66,7 @@ SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 ADMIN_USER = "cumulo-admin"
 STATE_FILE = "state.json"
-POLL_INTERVAL = 0.05  # seconds between readiness polls
-_PR_SET_PDEATHSIG = 1
+POLL_INTERVAL = processes.POLL_INTERVAL  # seconds between readiness polls
 # The discovery document kubectl reads (resources, short names and categories of all groups).
 _AGGREGATED_DISCOVERY = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"
 
@@ -214,76 +211,14 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def _pdeathsig_hook(parent_pid: int) -> Callable[[], None]:
-    """A preexec_fn asking the kernel to kill the child when its parent goes away.
-
-    SIGKILL, not SIGTERM: both get it at once, and a SIGTERMed kube-apiserver whose etcd is
-    shutting down hangs in its shutdown hooks (still alive after 30 s in a trial) while etcd
-    waits 5 s for the apiserver's streams. Both are crash-safe, and an orphan's data is
-    throw-away anyway.
-    """
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork, not in the child
-
-    def hook() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return hook
-
-
-def _proc_start_time(pid: int) -> int | None:
-    """The kernel's start time of a process (clock ticks since boot), None if gone or a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()  # the command name may contain spaces
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
-
-
-def _alive(pid: int, start_time: int | None) -> bool:
-    # The start time guards against a recycled PID in a stale state.json.
-    current = _proc_start_time(pid)
-    return current is not None and (start_time is None or current == start_time)
-
-
-def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-def _terminate(pid: int, start_time: int | None, timeout: float) -> None:
-    """SIGTERM, wait up to ``timeout``, then SIGKILL; only if the PID is still the same process."""
-    if not _alive(pid, start_time):
-        _reap(pid)
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        _reap(pid)  # our own child would otherwise linger as a zombie
-        if not _alive(pid, start_time):
-            return
-        time.sleep(POLL_INTERVAL / 2)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while _alive(pid, start_time) and time.monotonic() < deadline:
-        _reap(pid)
-        time.sleep(POLL_INTERVAL / 2)
-
-
-def _tail(path: Path, offset: int = 0, lines: int = 40) -> str:
-    try:
-        with path.open("rb") as file:
-            file.seek(offset)
-            text = file.read().decode(errors="replace")
-    except OSError:
-        return f"({path} missing)"
-    return "\n".join(text.splitlines()[-lines:])
+# The process helpers are shared with the private libvirtd and `make up` (cumulo.processes).
+_pdeathsig_hook = processes.pdeathsig_hook
+_proc_start_time = processes.proc_start_time
+_alive = processes.alive  # the start time guards against a recycled PID in a stale state.json
+_reap = processes.reap
+_tail = processes.tail
+_size = processes.size
+_terminate = processes.terminate  # SIGTERM, a grace period, SIGKILL; only the recorded process
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,16 +395,10 @@ class ControlPlane:
             self.state_path.unlink()
 
     def _read_state(self) -> dict[str, Any] | None:
-        try:
-            state = json.loads(self.state_path.read_text())
-        except (OSError, ValueError):
-            return None
-        return state if isinstance(state, dict) else None
+        return processes.read_json(self.state_path)
 
     def _write_state(self, state: Mapping[str, Any]) -> None:
-        partial = self.state_path.with_suffix(".tmp")
-        partial.write_text(json.dumps(state, indent=2) + "\n")
-        partial.replace(self.state_path)  # atomic: a concurrent attach never sees half a file
+        processes.write_json(self.state_path, state)  # atomic: a concurrent attach never sees half a file
 
     @staticmethod
     def _state_alive(state: Mapping[str, Any]) -> bool:
@@ -574,14 +503,7 @@ class ControlPlane:
         return [str(binary), *_flags(args, self._apiserver_overrides)]
 
     def _spawn(self, name: str, command: list[str], log: Path, detach: bool) -> subprocess.Popen[bytes]:
-        with log.open("ab") as out:
-            out.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
-            out.flush()
-            proc = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                cwd=self.workdir, start_new_session=True,
-                preexec_fn=None if detach else _pdeathsig_hook(os.getpid()),
-            )
+        proc = processes.spawn(command, log, detach=detach, cwd=self.workdir)
         self._procs[name] = proc
         return proc
 
@@ -890,13 +812,6 @@ def _selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
                 or operator == "DoesNotExist" and key in labels):
             return False
     return True
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
 
 
 def _etcd_healthy(port: int) -> bool:

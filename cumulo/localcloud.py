@@ -1,52 +1,504 @@
 """`make up` / `make down`: a whole local Cumulo cloud on this machine, left running between commands.
 
-Everything lives under ``.cumulo/`` in the repository: the control plane's work directory, the
-admin kubeconfig (``.cumulo/kubeconfig``) and the logs. Both operations are idempotent.
+What runs (everything detached, so it outlives the command that started it):
+
+* the control plane: etcd and kube-apiserver on loopback (:mod:`cumulo.envtest`);
+* ``cumulo-controller``, every reconciler;
+* per quickstart Host (``host1``, ``host2``): a private libvirtd (:mod:`cumulo.libvirtd`, QEMU/TCG) as
+  the host's hypervisor, and a ``cumulo-agent --host <host> --hypervisor libvirt`` driving it. Guest
+  networking (bridges, VXLAN) is not there yet, so the agents use the simulator network driver.
+
+Everything lives under one state directory (default ``<repo>/.cumulo``): the control plane's work
+directory (``control-plane/``), the admin kubeconfig (``kubeconfig``), the components' kubeconfigs
+(``kubeconfigs/``), the libvirtds' work directories (``hosts/<host>/libvirtd/``), the logs (``logs/``) and
+``state.json``, which records the controller and agents by PID and start time (the control plane and each
+libvirtd keep their own ``state.json``). The hosts' local storage is the quickstart's: its Filesystem
+pools under /var/lib/cumulo/pools and its image store /var/lib/cumulo/images.
+
+Both operations are idempotent. :func:`up` reuses whatever still runs, starts what is missing or died,
+and restarts the controller and agents when what they depend on changed (the control plane restarted
+on a new port, a libvirtd restarted, a different command line). :func:`down` stops everything recorded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from cumulo import envtest, toolchain
+import yaml
+
+from cumulo import envtest, libvirtd, processes, toolchain
 
 REPO = Path(__file__).resolve().parent.parent
 STATE_DIR = REPO / ".cumulo"
-CONTROL_PLANE_DIR = STATE_DIR / "control-plane"
-KUBECONFIG = STATE_DIR / "kubeconfig"
 CRDS = REPO / "crds"
 QUICKSTART = REPO / "examples" / "quickstart"
+SYSTEM_NAMESPACE = "cumulo-system"
+GROUP, VERSION = "cumulo.io", "v1alpha1"
+UP_TIMEOUT = 120.0  # seconds the hosts get to come Up
+STOP_TIMEOUT = 10.0  # SIGTERM grace period of every process
+
+Log = Callable[[str], None]
 
 
-def up(log=print) -> envtest.ControlPlane:
+class LocalCloudError(RuntimeError):
+    """`make up` could not bring the cloud up; the message names what is not ready, with its log."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The paths of one local cloud under its state directory."""
+
+    root: Path
+
+    @property
+    def control_plane(self) -> Path:
+        return self.root / "control-plane"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.root / "kubeconfig"
+
+    @property
+    def kubeconfigs(self) -> Path:
+        return self.root / "kubeconfigs"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "lock"
+
+    @property
+    def controller_log(self) -> Path:
+        return self.logs / "controller.log"
+
+    def agent_log(self, host: str) -> Path:
+        return self.logs / f"agent-{host}.log"
+
+    def libvirtd_dir(self, host: str) -> Path:
+        return self.root / "hosts" / host / "libvirtd"
+
+    def libvirtd_dirs(self) -> list[Path]:
+        """Every libvirtd work directory, also of hosts no longer in the quickstart."""
+        return sorted(path.parent for path in (self.root / "hosts").glob("*/libvirtd/etc"))
+
+
+@dataclass
+class Quickstart:
+    """What `make up` needs to know of the manifests it applies."""
+
+    directory: Path
+    hosts: list[str] = field(default_factory=list)
+    storage_dirs: list[Path] = field(default_factory=list)  # made before the agents start
+    vms: list[tuple[str, str]] = field(default_factory=list)  # (namespace, name)
+
+    @classmethod
+    def read(cls, directory: Path) -> Quickstart:
+        quickstart = cls(directory)
+        for manifest in sorted(directory.glob("*.yaml")):
+            for doc in yaml.safe_load_all(manifest.read_text()):
+                if not isinstance(doc, dict) or not str(doc.get("apiVersion", "")).startswith(f"{GROUP}/"):
+                    continue
+                kind, meta, spec = doc.get("kind"), doc.get("metadata") or {}, doc.get("spec") or {}
+                if kind == "Host":
+                    quickstart.hosts.append(meta["name"])
+                elif kind == "ImageStore" and spec.get("type") == "Filesystem":
+                    quickstart.storage_dirs.append(Path(spec["path"]))
+                elif kind == "StoragePool" and spec.get("type") == "Filesystem":
+                    # The agent makes a Filesystem pool's own directory, as on a real host; its parent
+                    # is the "host's" disk.
+                    quickstart.storage_dirs.append(Path(spec["path"]).parent)
+                elif kind == "VirtualMachine":
+                    quickstart.vms.append((meta.get("namespace", "default"), meta["name"]))
+        quickstart.storage_dirs = sorted(set(quickstart.storage_dirs))
+        return quickstart
+
+
+@dataclass
+class Component:
+    """A detached process of the local cloud (controller or agent), as state.json records it."""
+
+    name: str
+    record: processes.Record
+    log: Path
+    config: dict[str, Any]  # what it was started with; a change restarts it
+    started_at: float | None = None  # wall-clock time of a start by this `up`, which then waits for it
+    log_offset: int = 0  # where this start's part of the log begins
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.record.to_json(), "log": str(self.log), "config": self.config}
+
+    @classmethod
+    def from_json(cls, name: str, data: Any) -> Component | None:
+        record = processes.Record.from_json(data)
+        if record is None or not isinstance(data.get("config"), dict):
+            return None
+        return cls(name, record, Path(data.get("log", "")), data["config"])
+
+
+@dataclass
+class Cloud:
+    """What :func:`up` leaves running."""
+
+    state_dir: Path
+    server: str
+    kubeconfig: Path
+    pids: dict[str, int]  # component ("etcd", "kube-apiserver", "controller", "libvirtd/host1", "agent/host1") -> PID
+    started: list[str]  # the components this call started (empty when everything already ran)
+    hosts: dict[str, str]  # host -> state
+    vms: dict[str, str]  # namespace/name -> phase
+    seconds: float
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def up(state_dir: Path | str | None = None, *, log: Log = print, timeout: float = UP_TIMEOUT,
+       quickstart: Path | str = QUICKSTART) -> Cloud:
+    """Start the local cloud (or what of it is not running), apply the quickstart, wait until its hosts
+    are Up; idempotent. Raises LocalCloudError naming what did not come up, with its log."""
+    began = time.monotonic()
+    layout = Layout(Path(state_dir).absolute() if state_dir is not None else STATE_DIR)
+    manifests = Quickstart.read(Path(quickstart))
+    reason = libvirtd.unavailable_reason()
+    if reason is not None:
+        raise LocalCloudError(f"the hosts' hypervisors (private libvirtds) cannot run here: {reason}")
     toolchain.ensure_all(log)
-    plane = envtest.ControlPlane.attach(CONTROL_PLANE_DIR)
-    if plane is None:
-        log(f"starting etcd and kube-apiserver ({toolchain.KUBERNETES.version}) in {CONTROL_PLANE_DIR}")
-        plane = envtest.ControlPlane(CONTROL_PLANE_DIR).start(detach=True)
-    else:
-        log(f"control plane already running at {plane.server}")
-    plane.install_crds(CRDS)
-    plane.write_kubeconfig(KUBECONFIG)
-    for manifest in sorted(QUICKSTART.glob("*.yaml")):
-        plane.kubectl("apply", "--server-side", "--field-manager=cumulo-quickstart", "-f", str(manifest))
-    log(f"""
-Cumulo's control plane is up at {plane.server}; the quickstart zone is applied.
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with _locked(layout):
+        started: list[str] = []
+        plane = envtest.ControlPlane.attach(layout.control_plane)
+        if plane is not None and not _apiserver_ready(plane):
+            # Running but not answering: shutting down, or wedged. Start it afresh (same data).
+            log(f"the control plane at {plane.server} does not answer; restarting it")
+            plane.stop(timeout=2)  # a SIGTERMed apiserver can hang in its shutdown hooks
+            plane = None
+        if plane is None:
+            # Half of one left (etcd or the apiserver died): envtest would give the survivor 10 s.
+            envtest.ControlPlane(layout.control_plane).stop(timeout=2)
+            log(f"starting etcd and kube-apiserver ({toolchain.KUBERNETES.version})")
+            plane = envtest.ControlPlane(layout.control_plane).start(detach=True)
+            started += ["etcd", "kube-apiserver"]
+        state = processes.read_json(layout.state) or {}
+        components = _recorded(state)
+        identity = {"server": plane.server, "ca_sha256": _digest([plane.ca_cert_path])}
+        # The CRDs and the system namespace are (re)applied only when the CRDs changed or the cluster is
+        # a new one (new CA: new etcd data); they stay in etcd across control-plane restarts.
+        applied = dict(state.get("applied") or {})
+        crds = {"cluster": identity["ca_sha256"], "crds": _digest(sorted(CRDS.glob("*.yaml")))}
+        if applied.get("crds") != crds:
+            plane.install_crds(CRDS)
+            plane.kubectl("apply", "--server-side", "--field-manager=cumulo-up", "-f", "-",
+                          input=yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace",
+                                                "metadata": {"name": SYSTEM_NAMESPACE}}))
+            applied["crds"] = crds
+        plane.write_kubeconfig(layout.kubeconfig)
+        for directory in manifests.storage_dirs:
+            directory.mkdir(parents=True, exist_ok=True)
+        bin_dir = Path(sys.executable).parent
 
-  export KUBECONFIG={KUBECONFIG.relative_to(REPO)}
-  kubectl get cumulo -A                      # every Cumulo object
-  kubectl explain virtualmachine.spec        # the API, documented
-  kubectl get vm -n demo                     # the demo guest
+        def ensure(name: str, user: str, argv: list[str], log_path: Path, extra: Mapping[str, Any]) -> Component:
+            kubeconfig = layout.kubeconfigs / f"{user}.kubeconfig"
+            config = {"argv": [*argv, "--kubeconfig", str(kubeconfig)], **identity, **extra}
+            current = components.get(name)
+            if current is not None and current.record.alive:
+                if current.config == config:
+                    return current
+                log(f"restarting {name}: {_why(current.config, config)}")
+                current.record.terminate(STOP_TIMEOUT)
+            elif current is not None:
+                log(f"{name} (pid {current.record.pid}) is gone; starting it again (log {_show(log_path)})")
+            # Admin rights (system:masters) for now; each component still gets its own identity, so the
+            # audit log tells their requests apart.
+            plane.mint_kubeconfig(user, ["system:masters"], kubeconfig)
+            offset, started_at = processes.size(log_path), time.time()
+            proc = processes.spawn(config["argv"], log_path, detach=True, cwd=layout.root)
+            component = Component(name, processes.Record.of(proc.pid), log_path, config, started_at, offset)
+            components[name] = component
+            started.append(name)
+            _save(layout, components, applied)  # recorded at once: an error later must not lose it
+            return component
 
-Logs: {plane.workdir}/*.log. Stop everything with `make down`.""")
-    return plane
+        ensure("controller", "cumulo-controller", [str(bin_dir / "cumulo-controller")], layout.controller_log, {})
+        daemons: dict[str, libvirtd.PrivateLibvirtd] = {}
+        for host in manifests.hosts:
+            daemon = libvirtd.PrivateLibvirtd(layout.libvirtd_dir(host))
+            try:
+                daemon.start(detach=True)
+            except libvirtd.LibvirtUnavailable as error:
+                raise LocalCloudError(f"the libvirtd of {host} did not start: {error}") from None
+            if daemon.startup_seconds is not None:
+                started.append(f"libvirtd/{host}")
+            daemons[host] = daemon
+        for host in manifests.hosts:
+            daemon = daemons[host]
+            ensure(f"agent/{host}", f"cumulo-agent-{host}", [
+                str(bin_dir / "cumulo-agent"), "--host", host, "--hypervisor", "libvirt",
+                "--libvirt-uri", daemon.uri, "--network-driver", "simulator", "--log-format", "text",
+            ], layout.agent_log(host), {"libvirtd": daemon.record.to_json() if daemon.record else None})
+        for name in sorted(set(components) - {"controller", *(f"agent/{host}" for host in manifests.hosts)}):
+            log(f"stopping {name}: its host is no longer in {_show(manifests.directory)}")
+            components.pop(name).record.terminate(STOP_TIMEOUT)
+        for directory in layout.libvirtd_dirs():
+            if directory.parent.name not in daemons and libvirtd.PrivateLibvirtd.attach(directory) is not None:
+                log(f"stopping the libvirtd of {directory.parent.name}: no longer in {_show(manifests.directory)}")
+                libvirtd.PrivateLibvirtd(directory).stop(STOP_TIMEOUT)
+        # The quickstart is applied when it changed since it was last applied to this cluster, or when
+        # one of its Hosts is missing; otherwise a user's own changes to its objects are left alone.
+        quickstart_applied = {"cluster": identity["ca_sha256"],
+                              "quickstart": _digest(sorted(manifests.directory.glob("*.yaml")))}
+        if applied.get("quickstart") != quickstart_applied or None in _get_hosts(plane, manifests.hosts).values():
+            plane.kubectl("apply", "--server-side", "--field-manager=cumulo-quickstart", "-f",
+                          str(manifests.directory))
+            applied["quickstart"] = quickstart_applied
+        _save(layout, components, applied)
+        hosts = _wait_hosts_up(plane, manifests.hosts, components, layout, timeout)
+        vms = _vm_phases(plane, manifests.vms)
+
+    plane_state = processes.read_json(plane.state_path) or {}
+    pids = {"etcd": plane_state["etcd"]["pid"], "kube-apiserver": plane_state["apiserver"]["pid"]}
+    pids.update({name: component.record.pid for name, component in components.items()})
+    pids.update({f"libvirtd/{host}": daemon.pid for host, daemon in daemons.items() if daemon.pid is not None})
+    cloud = Cloud(layout.root, plane.server, layout.kubeconfig, pids, started, hosts, vms,
+                  time.monotonic() - began)
+    log(_summary(cloud, layout, plane, components, daemons))
+    return cloud
 
 
-def down(log=print) -> None:
-    plane = envtest.ControlPlane.attach(CONTROL_PLANE_DIR)
-    if plane is None:
+def down(state_dir: Path | str | None = None, *, log: Log = print) -> list[str]:
+    """Stop everything :func:`up` started (agents, controller, libvirtds and their guests, the control
+    plane) and remove the admin kubeconfig; idempotent. Returns what was running."""
+    layout = Layout(Path(state_dir).absolute() if state_dir is not None else STATE_DIR)
+    if not layout.root.is_dir():
         log("nothing is running")
-    else:
-        plane.stop()
-        log("stopped the control plane")
-    KUBECONFIG.unlink(missing_ok=True)
+        return []
+    with _locked(layout):
+        stopped: list[str] = []
+        components = _recorded(processes.read_json(layout.state) or {})
+        running = {name: c for name, c in components.items() if c.record.alive}
+        # Agents and controller together: each gets SIGTERM, then one grace period for all.
+        processes.terminate_all([(c.record.pid, c.record.start_time) for c in running.values()], STOP_TIMEOUT)
+        stopped += sorted(running)
+        layout.state.unlink(missing_ok=True)
+        for directory in layout.libvirtd_dirs():
+            daemon = libvirtd.PrivateLibvirtd(directory)
+            was_running = libvirtd.PrivateLibvirtd.attach(directory) is not None
+            guests = daemon.stop(STOP_TIMEOUT)
+            host = directory.parent.name
+            if was_running:
+                stopped.append(f"libvirtd/{host}")
+            if guests:
+                log(f"destroyed the guests of {host}: {', '.join(guests)}")
+        if envtest.ControlPlane.attach(layout.control_plane) is not None:
+            stopped.append("control plane")
+        envtest.ControlPlane(layout.control_plane).stop()  # also whatever half of it is left
+        layout.kubeconfig.unlink(missing_ok=True)
+    log(f"stopped {', '.join(stopped)}" if stopped else "nothing is running")
+    return stopped
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _locked(layout: Layout) -> Iterator[None]:
+    """One `make up`/`make down` at a time per state directory (a second one waits)."""
+    with layout.lock.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _recorded(state: Mapping[str, Any]) -> dict[str, Component]:
+    components = {}
+    for name, data in (state.get("components") or {}).items():
+        component = Component.from_json(name, data)
+        if component is not None:
+            components[name] = component
+    return components
+
+
+def _save(layout: Layout, components: Mapping[str, Component], applied: Mapping[str, Any]) -> None:
+    processes.write_json(layout.state, {"version": 1, "applied": dict(applied), "components": {
+        name: component.to_json() for name, component in sorted(components.items())}})
+
+
+def _apiserver_ready(plane: envtest.ControlPlane, timeout: float = 3.0) -> bool:
+    """Whether the kube-apiserver answers /readyz with ok within ``timeout``."""
+    import http.client
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(plane.ca_cert_path))
+    context.load_cert_chain(plane.cert_dir / "admin.crt", plane.cert_dir / "admin.key")
+    port = int(plane.server.rsplit(":", 1)[1])
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=2, context=context)
+            try:
+                connection.request("GET", "/readyz")
+                response = connection.getresponse()
+                if response.status == 200 and response.read() == b"ok":
+                    return True
+            finally:
+                connection.close()
+        except (OSError, http.client.HTTPException):
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
+def _digest(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _get_hosts(plane: envtest.ControlPlane, hosts: list[str]) -> dict[str, dict[str, Any] | None]:
+    """The Host objects named ``hosts`` (None for a missing one), in one kubectl call."""
+    listed = json.loads(plane.kubectl("get", "hosts.cumulo.io", "-o", "json").stdout)
+    found = {item["metadata"]["name"]: item for item in listed.get("items") or []}
+    return {host: found.get(host) for host in hosts}
+
+
+def _why(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    if old.get("server") != new.get("server") or old.get("ca_sha256") != new.get("ca_sha256"):
+        return f"the control plane moved to {new.get('server')}"
+    if old.get("libvirtd") != new.get("libvirtd"):
+        return "its libvirtd was restarted"
+    return "its command line changed"
+
+
+def _show(path: Path) -> str:
+    """A path as the user typed it: relative to the current directory when inside it."""
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(Path.cwd()))
+    return str(path)
+
+
+def _host_state(host: Mapping[str, Any] | None) -> tuple[str, str]:
+    """(state, why) of a Host object; why is its Ready condition's reason and message."""
+    if host is None:
+        return "absent", "the Host object does not exist"
+    status = host.get("status") or {}
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    why = ": ".join(part for part in (ready.get("reason"), ready.get("message")) if part)
+    return status.get("state") or "(no state yet)", why
+
+
+def _not_ready(plane: envtest.ControlPlane, hosts: Mapping[str, tuple[str, str]],
+               components: Mapping[str, Component]) -> dict[str, str]:
+    """What is not ready yet -> why: hosts not Up, and the components this `up` started that have not
+    shown they work (the controller has primed its caches; an agent has renewed its heartbeat Lease)."""
+    waiting = {host: state + (f" ({why})" if why else "") for host, (state, why) in hosts.items() if state != "Up"}
+    fresh = {name: component for name, component in components.items() if component.started_at is not None}
+    controller = fresh.get("controller")
+    if controller is not None and "reconciling with" not in processes.tail(controller.log, controller.log_offset,
+                                                                          lines=10**6):
+        waiting["controller"] = "has not primed its caches yet"
+    agents = {name.split("/", 1)[1]: component for name, component in fresh.items() if name.startswith("agent/")}
+    if agents:
+        leases = json.loads(plane.kubectl("get", "leases", "-n", SYSTEM_NAMESPACE, "-o", "json").stdout)
+        renewed = {item["metadata"]["name"]: _timestamp((item.get("spec") or {}).get("renewTime"))
+                   for item in leases.get("items") or []}
+        for host, agent in agents.items():
+            if (renewed.get(f"host-{host}") or 0) < (agent.started_at or 0) - 1:
+                waiting[f"agent/{host}"] = "has not renewed the heartbeat Lease since it started"
+    return waiting
+
+
+def _timestamp(value: str | None) -> float | None:
+    if not value:
+        return None
+    import datetime
+
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def _wait_hosts_up(plane: envtest.ControlPlane, hosts: list[str], components: Mapping[str, Component],
+                   layout: Layout, timeout: float) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        states = {host: _host_state(obj) for host, obj in _get_hosts(plane, hosts).items()}
+        waiting = _not_ready(plane, states, components)
+        if not waiting:
+            return {host: state for host, (state, _) in states.items()}
+        for component in components.values():
+            if not component.record.alive:
+                raise LocalCloudError(
+                    f"{component.name} exited; {_show(component.log)}:\n"
+                    f"{processes.tail(component.log, component.log_offset)}\n"
+                    "(`make up` again restarts it; `make down` stops everything)")
+        if time.monotonic() > deadline:
+            lines = [f"not ready after {timeout:.0f}s:"]
+            lines += [f"  {name}: {why}" for name, why in waiting.items()]
+            logs = {layout.agent_log(name.split("/")[-1]) for name in waiting if name != "controller"}
+            logs.add(layout.controller_log)
+            for path in sorted(logs):
+                lines.append(f"--- {_show(path)}:\n{processes.tail(path, lines=20)}")
+            lines.append("Everything started is left running to look at; `make down` stops it.")
+            raise LocalCloudError("\n".join(lines))
+        time.sleep(0.25)
+
+
+def _vm_phases(plane: envtest.ControlPlane, vms: list[tuple[str, str]]) -> dict[str, str]:
+    phases = {}
+    for namespace, name in vms:
+        result = plane.kubectl("get", "virtualmachine", name, "-n", namespace, "-o", "jsonpath={.status.phase}",
+                               check=False)
+        phases[f"{namespace}/{name}"] = (result.stdout.strip() or "(no phase yet)") if result.returncode == 0 \
+            else "(not found)"
+    return phases
+
+
+def _summary(cloud: Cloud, layout: Layout, plane: envtest.ControlPlane, components: Mapping[str, Component],
+             daemons: Mapping[str, libvirtd.PrivateLibvirtd]) -> str:
+    fresh = "started " + ", ".join(cloud.started) if cloud.started else "everything was already running"
+    lines = [
+        "",
+        f"Cumulo is up ({fresh}; {cloud.seconds:.1f}s).",
+        "",
+        f"  control plane  {plane.server}  etcd pid {cloud.pids['etcd']}, kube-apiserver pid "
+        f"{cloud.pids['kube-apiserver']}  logs {_show(plane.workdir)}/*.log",
+        f"  controller     pid {cloud.pids['controller']}  log {_show(layout.controller_log)}",
+    ]
+    for host, daemon in daemons.items():
+        agent = components[f"agent/{host}"]
+        lines.append(f"  {host:<14} {cloud.hosts.get(host, '?')}: agent pid {agent.record.pid} "
+                     f"(log {_show(agent.log)}), libvirtd pid {daemon.pid} "
+                     f"(log {_show(daemon.log_path)}, {daemon.uri})")
+    for vm, phase in cloud.vms.items():
+        lines.append(f"  vm {vm:<11} phase {phase} (virtual machines are being built; `make up` does not wait for them)")
+    kubeconfig = _show(cloud.kubeconfig)
+    lines += [
+        "",
+        "Not there yet: guest networking (bridges, VXLAN) arrives in a later issue, so the agents run with",
+        "--network-driver simulator (bridges are reported present; none is made). Each host is a private",
+        "libvirtd (QEMU/TCG) on this machine; its local storage is under /var/lib/cumulo.",
+        "",
+        f"  export KUBECONFIG={kubeconfig}",
+        "  kubectl get zones,hostpods,clusters,hosts     # host1 and host2 Up, with capacity",
+        "  kubectl get hosts,storagepools -o wide",
+        "  kubectl get cumulo -A                         # every Cumulo object",
+        "  kubectl get vm -n demo                        # the demo guest",
+        "  kubectl explain virtualmachine.spec           # the API, documented",
+        "",
+        "Stop everything with `make down`.",
+    ]
+    return "\n".join(lines)

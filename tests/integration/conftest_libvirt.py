@@ -1,6 +1,6 @@
 """Fixtures of the host-agent integration tests (a pytest plugin: ``pytest_plugins = ["conftest_libvirt"]``).
 
-* ``libvirtd``: a private libvirtd (see libvirt_harness.py), skipped with the precise reason where it
+* ``libvirtd``: a private libvirtd (cumulo.libvirtd), skipped with the precise reason where it
   cannot run.
 * ``system_namespace``: the cumulo-system namespace the heartbeat Leases live in.
 * ``agents``: starts ``cumulo-agent`` processes, each with its own client-certificate identity (so
@@ -25,9 +25,9 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from cumulo import envtest
+from cumulo.libvirtd import LibvirtUnavailable, PrivateLibvirtd, unavailable_reason
 from controllers.api.crd import registry
 from controllers.api.v1alpha1.common import SYSTEM_NAMESPACE
-from libvirt_harness import LibvirtUnavailable, PrivateLibvirtd, unavailable_reason
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT = REPO / ".venv" / "bin" / "cumulo-agent"
