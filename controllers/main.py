@@ -94,6 +94,8 @@ def parse_args(argv: t.Sequence[str] | None) -> argparse.Namespace:
 def main(argv: t.Sequence[str] | None = None) -> int:
     options = parse_args(argv)
     logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kopf logs every watch event it hands over; the runtime logs what it does with them.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     registry = kopf.OperatorRegistry()
     register(registry, options)
     # Standalone: one active replica for now (leader election arrives with the Helm chart).
