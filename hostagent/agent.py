@@ -1,10 +1,15 @@
-"""The agent proper: caches of the objects a host needs, and one worker per host.
+"""The agent proper: caches of the objects a host needs, one worker per host, and the reconcilers of the
+objects bound to the agent's hosts.
 
 A worker renews its host's heartbeat Lease and reports ``status.node`` (the only Host field the agent
 writes, DESIGN.md §3): facts from the hypervisor driver, reachability of the host's pools and its
 zone's image stores, presence of its zone's traffic-label bridges. It gathers every check interval,
 or at once when something it depends on changes, and patches only when the report says something
 new (or to refresh reportedAt every ``report_refresh`` seconds).
+
+The reconcilers (:mod:`.templates`, :mod:`.volumes`, :mod:`.vms`) watch the Templates, Volumes and
+VirtualMachines labelled ``cumulo.io/host=<one of the agent's hosts>`` and do the host's part of them with
+that host's drivers, writing only their own status keys (``download``, ``node``, ``node``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from .drivers.storage import StorageDriver
 from .faults import FaultConfigError, FaultInjector, parse_faults
 from .heartbeat import Heartbeat
 from .kube import MERGE_PATCH, AsyncKube, Informer, KubeError, resource_path
+from .templates import TemplateReconciler
+from .vms import VmReconciler
+from .volumes import VolumeReconciler
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +307,15 @@ class Agent:
         self.informers = [self.hosts, self.pools, self.stores, self.networks]
         self.workers: dict[str, HostWorker] = {}
         self._make_workers = workers
+        self.templates = TemplateReconciler(self, download_concurrency=config.download_concurrency,
+                                            resync_seconds=config.resync)
+        self.volumes = VolumeReconciler(self, resync_seconds=config.resync)
+        self.vms = VmReconciler(self, stop_timeout=config.stop_timeout, sweep_seconds=config.orphan_sweep,
+                                resync_seconds=config.vm_resync, concurrency=config.vm_concurrency)
+        self.reconcilers = [self.templates, self.volumes, self.vms]
+        # Not part of the initial sync: heartbeats and host reports do not wait for them, and each reconciler
+        # waits for its own informer where it must (the orphan sweep).
+        self.object_informers = [reconciler.informer for reconciler in self.reconcilers]
 
     def _host_event(self, kind: str, old: dict[str, t.Any] | None, new: dict[str, t.Any] | None) -> None:
         name = (new or old or {}).get("metadata", {}).get("name")
@@ -344,6 +361,7 @@ class Agent:
             others = asyncio.ensure_future(asyncio.gather(*(informer.synced.wait() for informer in self.informers[1:])))
             await asyncio.wait([others, stopping], timeout=OTHERS_SYNC_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
             others.cancel()
+            await asyncio.gather(others, return_exceptions=True)  # retrieved, so asyncio does not log it
             missing = [informer.kind for informer in self.informers if not informer.synced.is_set()]
             if missing:
                 log.warning("starting before these kinds could be listed; their checks follow once they are",
@@ -353,7 +371,7 @@ class Agent:
             stopping.cancel()
 
     async def run(self, stop: asyncio.Event) -> None:
-        for informer in self.informers:
+        for informer in [*self.informers, *self.object_informers]:
             informer.start()
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -365,12 +383,15 @@ class Agent:
             log.info("agent started", extra={"hosts": len(self.workers), "hypervisor": self.config.hypervisor,
                                              "apiserver": self.api.kube.server})
             tasks = [asyncio.create_task(worker.run(), name=f"host-{worker.name}") for worker in self.workers.values()]
+            tasks += [asyncio.create_task(reconciler.run(), name=reconciler.kind) for reconciler in self.reconcilers]
             await stop.wait()
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for informer in self.informers:
+            for download in list(self.templates.downloads.values()):
+                download.cancel.set()
+            for informer in [*self.informers, *self.object_informers]:
                 informer.stop()
             drivers = {id(driver): (worker.name, driver) for worker in self.workers.values()
                        for driver in (worker.hypervisor, worker.storage, worker.network)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import socket
 from collections.abc import Mapping, Sequence
@@ -89,6 +90,20 @@ class AgentConfig:
     faults: Mapping[str, Fault] = dataclasses.field(default_factory=dict)
     private_ip: str | None = None
     api_threads: int = 8
+    state_dir: str = "/var/lib/cumulo"
+    """Files of guests: ``<state_dir>/vms/<uid>/`` (console log, config drive)."""
+    stop_timeout: float = 60.0
+    """Seconds of ACPI shutdown requests before a guest is powered off hard."""
+    vm_resync: float = 10.0
+    """Seconds between checks of each guest's domain (a guest that powered itself off, a crashed one)."""
+    resync: float = 60.0
+    """Seconds between re-reconciles of every Template and Volume (level-based safety net)."""
+    orphan_sweep: float = 30.0
+    """Seconds between sweeps of the hypervisor's domains for orphans."""
+    download_concurrency: int = 2
+    vm_concurrency: int = 4
+    sim_start_seconds: float = 0.0
+    sim_stop_seconds: float = 0.0
 
     def validate(self) -> None:
         if self.heartbeat_interval <= 0 or self.check_interval <= 0:
@@ -103,3 +118,9 @@ class AgentConfig:
             raise ConfigError("--fault is for the simulator hypervisor only")
         if len(set(self.hosts)) != len(self.hosts):
             raise ConfigError("host names must be unique")
+        if self.stop_timeout <= 0 or self.vm_resync <= 0 or self.resync <= 0 or self.orphan_sweep <= 0:
+            raise ConfigError("--stop-timeout, --vm-resync, --resync and --orphan-sweep must be positive")
+        if self.download_concurrency < 1 or self.vm_concurrency < 1:
+            raise ConfigError("--download-concurrency and --vm-concurrency must be at least 1")
+        if not os.path.isabs(self.state_dir):
+            raise ConfigError(f"--state-dir must be an absolute path, not {self.state_dir!r}")

@@ -1,8 +1,12 @@
 """Fault injection for the simulator: CloudStack's per-operation simulator mocks, settable at run time.
 
-A fault is configured per operation name (``facts``, ``heartbeat``, ``storage``; later issues add
-``start``, ``stop``, ``migrate``…) from the Host annotation ``cumulo.io/simulator-faults`` or from the
-command line (``--fault op=JSON``). Driver methods call :meth:`FaultInjector.inject` with their
+A fault is configured per operation name from the Host annotation ``cumulo.io/simulator-faults`` or from
+the command line (``--fault op=JSON``). Operations:
+
+* ``facts`` (host facts), ``heartbeat`` (Lease renewal), ``storage`` (pool and image-store checks);
+* ``start`` (starting a domain), ``stop`` (ACPI shutdown and destroy), ``attach`` (disk hot-plug and
+  unplug), ``resize`` (growing a disk, live or offline);
+* ``download`` (a template download), ``create-volume`` (creating a volume's disk). Driver methods call :meth:`FaultInjector.inject` with their
 operation name before doing their work; the injector adds latency, hangs until the caller's
 deadline (``timeout``) or raises (``fail``), optionally only the first ``times`` calls.
 """

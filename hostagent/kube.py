@@ -240,17 +240,19 @@ EventHandler = Callable[[str, "dict[str, t.Any] | None", "dict[str, t.Any] | Non
 class Informer:
     """A list+watch cache of one collection, fed from a thread, read on the event loop.
 
-    ``cache`` maps object name to its last seen JSON; ``on_event`` is called on the loop for every
-    change (ADDED, MODIFIED, DELETED), including those a relist discovers.
+    ``cache`` maps object name (``namespace/name`` when ``namespaced``) to its last seen JSON;
+    ``on_event`` is called on the loop for every change (ADDED, MODIFIED, DELETED), including those a
+    relist discovers.
     """
 
     def __init__(self, kube: Kube, kind: str, path: str, on_event: EventHandler, *,
                  field_selector: str | None = None, label_selector: str | None = None,
-                 health: ApiHealth | None = None, page_size: int = 500) -> None:
+                 health: ApiHealth | None = None, page_size: int = 500, namespaced: bool = False) -> None:
         self.kube = kube
         self.kind = kind
         self.path = path
         self.on_event = on_event
+        self.namespaced = namespaced
         self.query: dict[str, str] = {}
         if field_selector:
             self.query["fieldSelector"] = field_selector
@@ -297,8 +299,13 @@ class Informer:
         if self._unavailable and time.monotonic() - self._last_attempt >= NUDGE_SPACING:
             self._wakeup.set()
 
+    def key(self, obj: t.Mapping[str, t.Any]) -> str:
+        """The cache key of ``obj``."""
+        metadata = obj["metadata"]
+        return f"{metadata.get('namespace', '')}/{metadata['name']}" if self.namespaced else metadata["name"]
+
     def _replace(self, items: list[dict[str, t.Any]]) -> None:
-        old, new = self.cache, {item["metadata"]["name"]: item for item in items}
+        old, new = self.cache, {self.key(item): item for item in items}
         self.cache = new
         for name, obj in new.items():
             before = old.get(name)
@@ -312,7 +319,7 @@ class Informer:
         self.synced.set()
 
     def _apply(self, kind: str, obj: dict[str, t.Any]) -> None:
-        name = obj["metadata"]["name"]
+        name = self.key(obj)
         before = self.cache.get(name)
         if kind == "DELETED":
             if self.cache.pop(name, None) is not None:

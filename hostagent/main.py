@@ -22,6 +22,7 @@ from .drivers.network import NetworkDriver
 from .drivers.network.simulator import SimulatorNetworkDriver
 from .drivers.storage import StorageDriver
 from .drivers.storage.simulator import SimulatorStorageDriver
+from .executor import SubprocessExecutor
 from .faults import FaultConfigError, FaultInjector, parse_fault_option
 from .kube import AsyncKube, Kube, load_configuration
 
@@ -64,6 +65,21 @@ def parser() -> argparse.ArgumentParser:
                    help="simulator fault for every host, e.g. facts='{\"fail\":true,\"message\":\"down\"}'; "
                         "the Host annotation overrides it per operation")
     p.add_argument("--api-threads", type=int, default=8, help="concurrent API requests")
+    p.add_argument("--state-dir", default=os.environ.get("CUMULO_STATE_DIR", "/var/lib/cumulo"),
+                   help="guest files (console logs, config drives) go to <state-dir>/vms/<uid>/ "
+                        "(default: $CUMULO_STATE_DIR, else /var/lib/cumulo)")
+    p.add_argument("--stop-timeout", type=float, default=60.0,
+                   help="seconds of ACPI shutdown requests before a guest is powered off hard")
+    p.add_argument("--vm-resync", type=float, default=10.0, help="seconds between checks of each guest's domain")
+    p.add_argument("--resync", type=float, default=60.0,
+                   help="seconds between re-reconciles of every Template and Volume bound to the host")
+    p.add_argument("--orphan-sweep", type=float, default=30.0,
+                   help="seconds between sweeps of the hypervisor's domains for orphans")
+    p.add_argument("--download-concurrency", type=int, default=2, help="template downloads at once")
+    p.add_argument("--vm-concurrency", type=int, default=4, help="guests reconciled at once")
+    p.add_argument("--sim-start-seconds", type=float, default=0.0, help="simulated time a domain takes to start")
+    p.add_argument("--sim-stop-seconds", type=float, default=0.0,
+                   help="simulated time a guest takes to power off after an ACPI shutdown request")
     p.add_argument("--kubeconfig", help="default: $KUBECONFIG, ~/.kube/config, else in-cluster")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="json", choices=["json", "text"])
@@ -101,6 +117,15 @@ def build_config(options: argparse.Namespace, environ: t.Mapping[str, str]) -> A
         faults=faults,
         private_ip=options.private_ip,
         api_threads=options.api_threads,
+        state_dir=os.path.abspath(options.state_dir),
+        stop_timeout=options.stop_timeout,
+        vm_resync=options.vm_resync,
+        resync=options.resync,
+        orphan_sweep=options.orphan_sweep,
+        download_concurrency=options.download_concurrency,
+        vm_concurrency=options.vm_concurrency,
+        sim_start_seconds=options.sim_start_seconds,
+        sim_stop_seconds=options.sim_stop_seconds,
     )
     config.validate()
     return config
@@ -118,20 +143,25 @@ def build_workers(agent: Agent) -> list[HostWorker]:
     shared_storage: StorageDriver | None = None
     if config.storage_driver == "filesystem":
         from .drivers.storage.filesystem import FilesystemStorageDriver
-        shared_storage = FilesystemStorageDriver(timeout=min(config.call_timeout, 15.0))
+        # One executor for every qemu-img of the process: at most a few at once.
+        shared_storage = FilesystemStorageDriver(timeout=min(config.call_timeout, 15.0),
+                                                 executor=SubprocessExecutor(concurrency=4))
     workers = []
     for name in config.hosts:
         hypervisor: HypervisorDriver
         faults: FaultInjector | None = None
+        disk_sizes: dict[str, int] = {}  # a simulated host's disks, seen by its hypervisor and its storage
         if config.hypervisor == "simulator":
             faults = FaultInjector(config.faults)
             hypervisor = SimulatorDriver(config.simulated, faults, version=agent.version,
-                                         call_timeout=config.call_timeout)
+                                         call_timeout=config.call_timeout, start_seconds=config.sim_start_seconds,
+                                         stop_seconds=config.sim_stop_seconds, disk_sizes=disk_sizes)
         else:
             from .drivers.hypervisor.libvirt import LibvirtDriver  # libvirt-python only where it is used
             hypervisor = LibvirtDriver(config.libvirt_uri, config.virt_type, call_timeout=config.call_timeout)
         storage = shared_storage if shared_storage is not None else SimulatorStorageDriver(
-            faults or FaultInjector(), capacity_bytes=config.sim_storage_bytes, call_timeout=config.call_timeout)
+            faults or FaultInjector(), capacity_bytes=config.sim_storage_bytes, call_timeout=config.call_timeout,
+            disk_sizes=disk_sizes)
         workers.append(HostWorker(agent, name, hypervisor=hypervisor, storage=storage, network=network,
                                   faults=faults))
     return workers

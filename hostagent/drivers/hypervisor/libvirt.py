@@ -7,6 +7,9 @@ returns (no pile-up of stuck threads).
 
 The virt type is configuration, never read from libvirt: libvirt advertises ``kvm`` whenever
 /dev/kvm exists, even where KVM guests cannot run (nested virtualisation without vmx/svm).
+
+Domains are transient (``createXML``), rendered by :mod:`.domainxml`; "not found" is an answer (None, or
+nothing to do), not an error.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import libvirt
 
 from controllers.api.v1alpha1.common import HypervisorType
 
-from . import HostFacts, HypervisorError, version_string
+from . import (DiskDevice, Domain, DomainDescription, DomainState, HostFacts, HypervisorError, domainxml,
+               version_string)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,40 @@ def parse_capabilities(xml: str) -> dict[str, t.Any]:
     }
 
 
+STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: DomainState.UNKNOWN,
+    libvirt.VIR_DOMAIN_RUNNING: DomainState.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: DomainState.RUNNING,  # idle, waiting for I/O
+    libvirt.VIR_DOMAIN_PAUSED: DomainState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: DomainState.STOPPING,
+    libvirt.VIR_DOMAIN_SHUTOFF: DomainState.SHUTOFF,
+    libvirt.VIR_DOMAIN_CRASHED: DomainState.CRASHED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: DomainState.SUSPENDED,
+}
+GONE = (libvirt.VIR_ERR_NO_DOMAIN,)
+# Asking a domain that is already off (or on its way) to stop, or a disk that is already going to go.
+ALREADY = (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID)
+DETACH_DONE = (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_DEVICE_MISSING,
+               getattr(libvirt, "VIR_ERR_OPERATION_IN_PROGRESS", -1))
+
+
+def _lookup(connection: libvirt.virConnect, uuid: str) -> libvirt.virDomain | None:
+    try:
+        return connection.lookupByUUIDString(uuid)
+    except libvirt.libvirtError as error:
+        if error.get_error_code() in GONE:
+            return None
+        raise
+
+
+def _describe(domain: libvirt.virDomain) -> Domain:
+    state, _reason = domain.state()
+    owner, disks, console = domainxml.parse(domain.XMLDesc(0))
+    name = STATES.get(state, DomainState.UNKNOWN)
+    return Domain(uuid=domain.UUIDString(), name=domain.name(), state=name, owner=owner, disks=disks,
+                  console_log=console, id=domain.ID() if domain.isActive() else None)
+
+
 def _since(seconds_ago: float) -> str:
     moment = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=seconds_ago)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -69,6 +107,7 @@ class LibvirtDriver:
     """The hypervisor of a host run by libvirtd at ``uri``."""
 
     hypervisor_type = HypervisorType.KVM
+    local_files = True
 
     def __init__(self, uri: str = DEFAULT_URI, virt_type: str = "qemu", *, call_timeout: float = 30.0) -> None:
         if virt_type not in VIRT_TYPES:
@@ -170,6 +209,81 @@ class LibvirtDriver:
 
         result: HostFacts = await self._call("host facts", gather)
         return result
+
+    async def start(self, description: DomainDescription) -> Domain:
+        xml = domainxml.render(description, self.virt_type)
+
+        def create(connection: libvirt.virConnect) -> Domain:
+            existing = _lookup(connection, description.uuid)
+            if existing is not None and existing.isActive():
+                return _describe(existing)  # started by an earlier call that timed out on our side
+            return _describe(connection.createXML(xml, 0))
+
+        result: Domain = await self._call("start", create)
+        return result
+
+    async def _on_domain(self, what: str, uuid: str, action: t.Callable[[libvirt.virDomain], t.Any],
+                         ignore: tuple[int, ...] = ALREADY) -> None:
+        def call(connection: libvirt.virConnect) -> None:
+            domain = _lookup(connection, uuid)
+            if domain is None:
+                return
+            try:
+                action(domain)
+            except libvirt.libvirtError as error:
+                if error.get_error_code() not in ignore:
+                    raise
+
+        await self._call(what, call)
+
+    async def shutdown(self, uuid: str) -> None:
+        await self._on_domain("shutdown", uuid, lambda domain: domain.shutdown())
+
+    async def destroy(self, uuid: str) -> None:
+        await self._on_domain("destroy", uuid, lambda domain: domain.destroy())
+
+    async def domains(self) -> list[Domain]:
+        def gather(connection: libvirt.virConnect) -> list[Domain]:
+            found = []
+            for domain in connection.listAllDomains(0):
+                try:
+                    found.append(_describe(domain))
+                except libvirt.libvirtError as error:
+                    if error.get_error_code() not in GONE:  # gone between the list and the look
+                        raise
+            return found
+
+        result: list[Domain] = await self._call("list domains", gather)
+        return result
+
+    async def domain(self, uuid: str) -> Domain | None:
+        def look(connection: libvirt.virConnect) -> Domain | None:
+            domain = _lookup(connection, uuid)
+            if domain is None:
+                return None
+            try:
+                return _describe(domain)
+            except libvirt.libvirtError as error:
+                if error.get_error_code() in GONE:
+                    return None
+                raise
+
+        result: Domain | None = await self._call("domain lookup", look)
+        return result
+
+    async def attach_disk(self, uuid: str, disk: DiskDevice) -> None:
+        xml = domainxml.disk_xml(disk)
+        await self._on_domain("attach disk", uuid, lambda domain: domain.attachDeviceFlags(
+            xml, libvirt.VIR_DOMAIN_AFFECT_LIVE), ignore=GONE)
+
+    async def detach_disk(self, uuid: str, disk: DiskDevice) -> None:
+        xml = domainxml.disk_xml(disk)
+        await self._on_domain("detach disk", uuid, lambda domain: domain.detachDeviceFlags(
+            xml, libvirt.VIR_DOMAIN_AFFECT_LIVE), ignore=DETACH_DONE)
+
+    async def block_resize(self, uuid: str, path: str, size_bytes: int) -> None:
+        await self._on_domain("block resize", uuid, lambda domain: domain.blockResize(
+            path, size_bytes, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES), ignore=GONE)
 
     async def close(self) -> None:
         if self._hung is None or self._hung[0].done():

@@ -1,19 +1,28 @@
 """The simulator hypervisor driver: CloudStack's Simulator hypervisor as an agent driver.
 
-A simulated host has the capacity it is configured with and no real guests; every operation first
-asks the host's :class:`~hostagent.faults.FaultInjector` (operation names: ``facts`` now; the VM
-issue adds ``start``, ``stop``, ``migrate``… and keeps its in-memory domains here).
+A simulated host has the capacity it is configured with and in-memory domains (no guests, no files). Every
+operation first asks the host's :class:`~hostagent.faults.FaultInjector`. Operation names (for
+``--fault op=JSON`` and the ``cumulo.io/simulator-faults`` Host annotation):
+
+* ``facts``: host facts (every check interval)
+* ``start``: starting a domain (after ``start_seconds`` of simulated boot)
+* ``stop``: an ACPI shutdown request (the domain goes ``stop_seconds`` later) and a destroy
+* ``attach``: hot-plugging and unplugging a disk
+* ``resize``: growing a disk of a running domain (and, in the simulator storage driver, of a stopped one)
+
+The storage simulator adds ``download`` (template downloads) and ``create-volume``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import platform
 
 from controllers.api.v1alpha1.common import HypervisorType
 
 from ...faults import FaultInjector, InjectedFailure
-from . import HostFacts, HypervisorError
+from . import DiskDevice, Domain, DomainDescription, DomainState, HostFacts, HypervisorError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,13 +39,23 @@ class SimulatorDriver:
     """One simulated host's hypervisor."""
 
     hypervisor_type = HypervisorType.SIMULATOR
+    local_files = False
 
     def __init__(self, capacity: SimulatedCapacity, faults: FaultInjector, *, version: str,
-                 call_timeout: float = 30.0) -> None:
+                 call_timeout: float = 30.0, start_seconds: float = 0.0, stop_seconds: float = 0.0,
+                 disk_sizes: dict[str, int] | None = None) -> None:
         self.capacity = capacity
         self.faults = faults
         self.version = version
         self.call_timeout = call_timeout
+        self.start_seconds = start_seconds
+        self.stop_seconds = stop_seconds
+        self._domains: dict[str, Domain] = {}
+        # Virtual sizes of the host's simulated disks, shared with its simulator storage driver, so a live
+        # resize shows in the volume's report.
+        self.disk_sizes = disk_sizes if disk_sizes is not None else {}
+        self._stopping: dict[str, asyncio.TimerHandle] = {}
+        self._next_id = 1
 
     async def _operation(self, operation: str) -> None:
         try:
@@ -57,5 +76,89 @@ class SimulatorDriver:
             architecture=platform.machine(),
         )
 
+    # -- domains -----------------------------------------------------------------------------------
+
+    async def start(self, description: DomainDescription) -> Domain:
+        existing = self._domains.get(description.uuid)
+        if existing is not None:
+            return existing
+        if any(domain.name == description.name for domain in self._domains.values()):
+            raise HypervisorError(f"a domain named {description.name} already exists")
+        await self._operation("start")
+        if self.start_seconds:
+            await asyncio.sleep(self.start_seconds)
+        existing = self._domains.get(description.uuid)
+        if existing is not None:  # started meanwhile by a concurrent call
+            return existing
+        domain = Domain(uuid=description.uuid, name=description.name, state=DomainState.RUNNING,
+                        owner=description.owner, disks=description.disks, console_log=description.console_log,
+                        id=self._next_id)
+        self._next_id += 1
+        self._domains[description.uuid] = domain
+        return domain
+
+    async def shutdown(self, uuid: str) -> None:
+        if uuid not in self._domains:
+            return
+        await self._operation("stop")
+        if uuid in self._stopping:
+            return
+        if not self.stop_seconds:
+            self._remove(uuid)
+            return
+        self._domains[uuid] = dataclasses.replace(self._domains[uuid], state=DomainState.STOPPING)
+        self._stopping[uuid] = asyncio.get_running_loop().call_later(self.stop_seconds, self._remove, uuid)
+
+    def _remove(self, uuid: str) -> None:
+        self._domains.pop(uuid, None)
+        handle = self._stopping.pop(uuid, None)
+        if handle is not None:
+            handle.cancel()
+
+    async def destroy(self, uuid: str) -> None:
+        if uuid not in self._domains:
+            return
+        await self._operation("stop")
+        self._remove(uuid)
+
+    async def domains(self) -> list[Domain]:
+        return list(self._domains.values())
+
+    async def domain(self, uuid: str) -> Domain | None:
+        return self._domains.get(uuid)
+
+    def _running(self, uuid: str) -> Domain:
+        domain = self._domains.get(uuid)
+        if domain is None:
+            raise HypervisorError(f"domain {uuid} is not running")
+        return domain
+
+    async def attach_disk(self, uuid: str, disk: DiskDevice) -> None:
+        self._running(uuid)
+        await self._operation("attach")
+        domain = self._running(uuid)
+        if any(d.target == disk.target or d.path == disk.path for d in domain.disks):
+            raise HypervisorError(f"target {disk.target} or {disk.path} is already in use")
+        self._domains[uuid] = dataclasses.replace(domain, disks=(*domain.disks, disk))
+
+    async def detach_disk(self, uuid: str, disk: DiskDevice) -> None:
+        if uuid not in self._domains:
+            return
+        await self._operation("attach")
+        domain = self._domains.get(uuid)
+        if domain is not None:
+            self._domains[uuid] = dataclasses.replace(
+                domain, disks=tuple(d for d in domain.disks if d.target != disk.target))
+
+    async def block_resize(self, uuid: str, path: str, size_bytes: int) -> None:
+        domain = self._running(uuid)
+        if not any(d.path == path for d in domain.disks):
+            raise HypervisorError(f"domain {uuid} has no disk {path}")
+        await self._operation("resize")
+        if path in self.disk_sizes:
+            self.disk_sizes[path] = max(self.disk_sizes[path], size_bytes)
+
     async def close(self) -> None:
-        return None
+        for handle in self._stopping.values():
+            handle.cancel()
+        self._stopping.clear()

@@ -1,14 +1,44 @@
-"""The storage driver interface: can this host use a primary pool or image store directory?
+"""The storage driver interface: pool and image-store directories, volume disks and template copies.
 
-Implementations: :mod:`.filesystem` (a real directory: exists, writable, statvfs) and
-:mod:`.simulator` (configured capacity, ``storage`` fault injection). RBD comes with a later issue.
+Implementations: :mod:`.filesystem` (real directories and qcow2 files, through ``qemu-img`` run by the
+agent's :class:`~hostagent.executor.Executor`) and :mod:`.simulator` (configured capacity, in-memory disks,
+fault injection: ``storage``, ``create-volume``, ``resize``, ``download``). RBD comes with a later issue.
+
+Disk operations take the controller's resolved target (``status.path``, ``status.sizeBytes``,
+``status.baseImage`` of a Volume) and raise :class:`StorageError` with a message fit for a status field.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import typing as t
 
 from controllers.api.v1alpha1.host import StorageReport
+
+from ...images import DownloadRequest, DownloadResult, Progress
+
+
+class StorageError(Exception):
+    """A disk or image operation failed; the message is reported (stable: no durations, no pids)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseImageRef:
+    """A template image a disk is an overlay of (``status.baseImage`` of a Volume)."""
+
+    source: str     # the template copy on the image store
+    path: str       # the pool's cached copy: the overlay's backing file
+    format: str = "qcow2"
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskState:
+    """A disk file as found."""
+
+    virtual_size: int
+    physical_size: int | None
+    format: str
 
 
 @t.runtime_checkable
@@ -17,6 +47,32 @@ class StorageDriver(t.Protocol):
         """Check the directory ``path``: create it first when ``create`` (local storage the host
         owns), require write access when ``writable``. Never raises for an unusable directory: the
         report says why (``reachable=False`` with a message)."""
+        ...
+
+    async def disk_info(self, path: str) -> DiskState | None:
+        """The disk at ``path``, or None when there is no file. Works on disks a running guest uses."""
+        ...
+
+    async def create_disk(self, path: str, size_bytes: int, base: BaseImageRef | None = None) -> None:
+        """Create a qcow2 disk (an overlay of ``base``'s cached copy, made first if missing)."""
+        ...
+
+    async def resize_disk(self, path: str, size_bytes: int) -> None:
+        """Grow a disk no running guest uses (for one that is used: the hypervisor's block resize)."""
+        ...
+
+    async def delete_disk(self, path: str) -> None:
+        """Remove the disk; a missing one is fine."""
+        ...
+
+    async def download_template(self, request: DownloadRequest, progress: Progress,
+                                cancel: threading.Event) -> DownloadResult:
+        """Download and check one template copy (see :mod:`hostagent.images`). Raises
+        :class:`~hostagent.images.DownloadError`."""
+        ...
+
+    async def delete_template(self, path: str) -> None:
+        """Remove a template copy's files (image, boot files, leftovers)."""
         ...
 
     async def close(self) -> None:

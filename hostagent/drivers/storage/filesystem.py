@@ -1,21 +1,35 @@
-"""The filesystem storage driver: a pool or image store is a directory on the host.
+"""The filesystem storage driver: a pool or image store is a directory on the host, a volume a qcow2 file.
 
 Checks run in worker threads with a deadline: a dead NFS server leaves ``stat`` hanging in the
 kernel, and that must neither block the agent nor pile up threads, so a path whose previous check
 still hangs is reported unreachable without starting another one.
+
+Disks: ``qemu-img`` through the agent's executor. A disk is created under a temporary name and renamed,
+so a crash never leaves a half-made disk at the volume's path. A template's cached copy in a pool (the
+base image of overlays) is copied once, under a lock (an asyncio lock in the process, ``flock`` across
+processes sharing the pool), to a temporary name and renamed: volumes created at the same time share one
+copy, and a reader never sees half of one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import datetime
+import fcntl
 import os
+import shutil
 import threading
 
 from controllers.api.v1alpha1.host import StorageReport
 
+from ...executor import CommandError, Executor, QemuImg, SubprocessExecutor
+from ...images import DownloadRequest, DownloadResult, Progress, copy_files, download_template
+from . import BaseImageRef, DiskState, StorageError
+
 PROBE_PREFIX = ".cumulo-probe-"
+CREATING_SUFFIX = ".creating"
 
 
 def _unreachable(message: str) -> StorageReport:
@@ -57,11 +71,39 @@ def check_directory(path: str, *, create: bool, writable: bool = True) -> Storag
     )
 
 
+def copy_base_image(source: str, target: str) -> None:
+    """Copy a template image into a pool once (blocking): under an exclusive ``flock`` of ``<target>.lock``,
+    to a temporary name, flushed, then renamed. Nothing to do when ``target`` exists."""
+    if os.path.exists(target):
+        return
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(target):
+            return  # another process made it while we waited
+        if not os.path.isfile(source):
+            raise StorageError(f"template image {source} does not exist")
+        temporary = f"{target}.tmp-{os.getpid()}"
+        try:
+            with open(source, "rb") as reader, open(temporary, "wb") as writer:
+                shutil.copyfileobj(reader, writer, 4 * 1024 * 1024)
+                writer.flush()
+                os.fsync(writer.fileno())
+            os.replace(temporary, target)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise StorageError(f"cannot copy template image {source} to {target}: {error.strerror or error}") \
+                from None
+
+
 class FilesystemStorageDriver:
-    def __init__(self, *, timeout: float = 15.0, threads: int = 4) -> None:
+    def __init__(self, *, timeout: float = 15.0, threads: int = 4, executor: Executor | None = None) -> None:
         self.timeout = timeout
         self._threads = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="storage")
         self._hung: dict[str, tuple[concurrent.futures.Future[StorageReport], str]] = {}
+        self.qemu_img = QemuImg(executor if executor is not None else SubprocessExecutor())
+        self._base_locks: dict[str, asyncio.Lock] = {}
 
     async def check(self, path: str, *, create: bool, writable: bool = True) -> StorageReport:
         hung = self._hung.get(path)
@@ -78,6 +120,82 @@ class FilesystemStorageDriver:
             started = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=self.timeout)
             self._hung[path] = (future, started.strftime("%Y-%m-%dT%H:%M:%SZ"))
             return _unreachable(f"checking {path} did not finish within {self.timeout:g}s")
+
+    # -- disks ---------------------------------------------------------------------------------
+
+    async def disk_info(self, path: str) -> DiskState | None:
+        if not os.path.exists(path):
+            return None
+        try:
+            info = await self.qemu_img.info(path)
+        except CommandError as error:
+            if not os.path.exists(path):
+                return None  # deleted meanwhile
+            raise StorageError(str(error)) from None
+        return DiskState(virtual_size=info.virtual_size, physical_size=info.actual_size, format=info.format)
+
+    async def ensure_base_image(self, base: BaseImageRef) -> None:
+        if os.path.exists(base.path):
+            return
+        lock = self._base_locks.setdefault(base.path, asyncio.Lock())
+        async with lock:
+            await asyncio.to_thread(copy_base_image, base.source, base.path)
+
+    async def create_disk(self, path: str, size_bytes: int, base: BaseImageRef | None = None) -> None:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        except OSError as error:
+            raise StorageError(f"cannot create {os.path.dirname(path)}: {error.strerror or error}") from None
+        if base is not None:
+            await self.ensure_base_image(base)
+            try:
+                # An overlay smaller than its base would cut the guest's disk short.
+                size_bytes = max(size_bytes, (await self.qemu_img.info(base.path)).virtual_size)
+            except CommandError as error:
+                raise StorageError(f"cannot read the base image {base.path}: {error}") from None
+        temporary = path + CREATING_SUFFIX
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)  # left by a crash
+        try:
+            if base is not None:
+                await self.qemu_img.create(temporary, size_bytes, backing=base.path, backing_format=base.format)
+            else:
+                await self.qemu_img.create(temporary, size_bytes)
+            os.replace(temporary, path)
+        except CommandError as error:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise StorageError(str(error)) from None
+
+    async def resize_disk(self, path: str, size_bytes: int) -> None:
+        try:
+            await self.qemu_img.resize(path, size_bytes)
+        except CommandError as error:
+            raise StorageError(str(error)) from None
+
+    async def delete_disk(self, path: str) -> None:
+        for name in (path, path + CREATING_SUFFIX):
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                raise StorageError(f"cannot delete {name}: {error.strerror or error}") from None
+
+    # -- templates ---------------------------------------------------------------------------------
+
+    async def download_template(self, request: DownloadRequest, progress: Progress,
+                                cancel: threading.Event) -> DownloadResult:
+        return await download_template(request, self.qemu_img, progress, cancel)
+
+    async def delete_template(self, path: str) -> None:
+        for name in copy_files(path):
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                raise StorageError(f"cannot delete {name}: {error.strerror or error}") from None
 
     async def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)

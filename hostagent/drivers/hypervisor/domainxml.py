@@ -1,0 +1,186 @@
+"""libvirt domain XML of a Cumulo guest: rendered from a :class:`DomainDescription`, and read back (owner and
+disks) from a running domain's XML. Pure: no libvirt calls, unit-tested with ElementTree.
+
+The shape, and why:
+
+* ``q35`` machine: PCIe; ``spare_pcie_ports`` empty ``pcie-root-port`` controllers so disks can be
+  hot-plugged (q35 hot-plugs only into root ports, and libvirt adds ports only for the devices it is given).
+* Disks are ``virtio`` in launch order, the root disk first (the guest names virtio disks in PCI order, so
+  the first one is ``/dev/vda`` whatever the ``<target dev>``). Each carries a user alias
+  ``ua-cumulo-vol-<volume>`` ('.' → '_': Volume names are DNS subdomains, aliases allow ``[A-Za-z0-9_-]``)
+  that names its Volume, so the agent tells which volumes a running domain holds from the domain alone.
+* The NoCloud config drive is a read-only CD on a ``virtio-scsi`` controller (``sr0`` in the guest): q35's
+  own CD bus is AHCI/SATA, which small cloud kernels lack.
+* The serial console goes to a file (``<serial type='file'>``, ``append='on'``): QEMU itself writes it,
+  so it keeps being written while the agent is down or restarting, and a restart of the guest appends.
+* Direct kernel boot when the description has a kernel; else the first disk boots.
+* ``<cputune><shares>`` weighs CPU time by the offering's speed; with ``limitCpuUse`` a quota caps it.
+* A ``<metadata>`` element (namespace :data:`METADATA_NS`) records the owning VirtualMachine
+  (namespace, name, uid), the host, the launch's resourceVersion and the start time: what adoption
+  after an agent restart reads.
+* ``on_poweroff``/``on_crash`` ``destroy``: domains are transient; a stopped guest leaves no domain behind.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+from . import CPU_PERIOD_US, DiskDevice, DomainDescription, DomainOwner
+
+METADATA_NS = "https://cumulo.io/xmlns/libvirt-domain/1"
+METADATA_PREFIX = "cumulo"
+VOLUME_ALIAS_PREFIX = "ua-cumulo-vol-"
+CONFIG_DRIVE_ALIAS = "ua-cumulo-config-drive"
+
+ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+
+
+def volume_alias(volume: str) -> str:
+    return VOLUME_ALIAS_PREFIX + volume.replace(".", "_")
+
+
+def volume_of_alias(alias: str | None) -> str | None:
+    if alias and alias.startswith(VOLUME_ALIAS_PREFIX):
+        return alias[len(VOLUME_ALIAS_PREFIX):].replace("_", ".")
+    return None
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attributes: str) -> ET.Element:
+    element = ET.SubElement(parent, tag, {key.rstrip("_"): value for key, value in attributes.items()})
+    if text is not None:
+        element.text = text
+    return element
+
+
+def disk_element(disk: DiskDevice) -> ET.Element:
+    """The ``<disk>`` of a volume (also what hot-plug attaches)."""
+    element = ET.Element("disk", {"type": "file", "device": disk.device})
+    driver = _sub(element, "driver", name="qemu", type=disk.format)
+    if disk.device == "disk" and not disk.read_only:
+        driver.set("discard", "unmap")  # the guest's TRIM frees space in the qcow2 file
+    _sub(element, "source", file=disk.path)
+    _sub(element, "target", dev=disk.target, bus=disk.bus)
+    if disk.read_only:
+        _sub(element, "readonly")
+    _sub(element, "alias", name=volume_alias(disk.volume) if disk.volume else CONFIG_DRIVE_ALIAS)
+    return element
+
+
+def disk_xml(disk: DiskDevice) -> str:
+    return ET.tostring(disk_element(disk), encoding="unicode")
+
+
+def render(description: DomainDescription, virt_type: str = "qemu") -> str:
+    """The domain XML for ``virConnectCreateXML``."""
+    d = description
+    root = ET.Element("domain", {"type": virt_type})
+    _sub(root, "name", d.name)
+    _sub(root, "uuid", d.uuid)
+    metadata = _sub(root, "metadata")
+    owner = ET.SubElement(metadata, f"{{{METADATA_NS}}}instance")
+    for field in ("namespace", "name", "uid", "host"):
+        ET.SubElement(owner, f"{{{METADATA_NS}}}{field}").text = getattr(d.owner, field)
+    ET.SubElement(owner, f"{{{METADATA_NS}}}launchVersion").text = d.owner.launch_version
+    ET.SubElement(owner, f"{{{METADATA_NS}}}startedAt").text = d.owner.started_at
+    _sub(root, "memory", str(d.memory_mib), unit="MiB")
+    _sub(root, "currentMemory", str(d.memory_mib), unit="MiB")
+    _sub(root, "vcpu", str(d.cpus), placement="static")
+    cputune = _sub(root, "cputune")
+    _sub(cputune, "shares", str(d.cpu_shares))
+    if d.cpu_quota_us is not None:
+        _sub(cputune, "period", str(CPU_PERIOD_US))
+        _sub(cputune, "quota", str(d.cpu_quota_us))
+    os_ = _sub(root, "os")
+    _sub(os_, "type", "hvm", arch="x86_64", machine=d.machine)
+    if d.kernel:
+        _sub(os_, "kernel", d.kernel)
+        if d.initrd:
+            _sub(os_, "initrd", d.initrd)
+        _sub(os_, "cmdline", d.cmdline or "")
+    else:
+        _sub(os_, "boot", dev="hd")
+    features = _sub(root, "features")
+    _sub(features, "acpi")
+    _sub(features, "apic")
+    if virt_type == "kvm":
+        _sub(root, "cpu", mode="host-passthrough", check="none")
+    _sub(root, "clock", offset="utc")
+    _sub(root, "on_poweroff", "destroy")
+    _sub(root, "on_reboot", "restart")
+    _sub(root, "on_crash", "destroy")
+    devices = _sub(root, "devices")
+    if d.machine == "q35":
+        _sub(devices, "controller", type="pci", index="0", model="pcie-root")
+    for disk in d.disks:
+        devices.append(disk_element(disk))
+    if d.config_drive:
+        bus = "scsi" if d.machine == "q35" else "ide"
+        if bus == "scsi":
+            _sub(devices, "controller", type="scsi", index="0", model="virtio-scsi")
+        devices.append(disk_element(DiskDevice(volume="", path=d.config_drive, target="sda" if bus == "scsi" else "hdc",
+                                               format="raw", bus=bus, device="cdrom", read_only=True)))
+    if d.machine == "q35":
+        for _ in range(d.spare_pcie_ports):
+            _sub(devices, "controller", type="pci", model="pcie-root-port")
+    _sub(devices, "controller", type="usb", model="none")
+    if d.console_log:
+        serial = _sub(devices, "serial", type="file")
+        _sub(serial, "source", path=d.console_log, append="on")
+        _sub(serial, "target", port="0")
+        console = _sub(devices, "console", type="file")
+        _sub(console, "source", path=d.console_log, append="on")
+        _sub(console, "target", type="serial", port="0")
+    else:
+        serial = _sub(devices, "serial", type="null")
+        _sub(serial, "target", port="0")
+    _sub(devices, "memballoon", model="none")
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a domain's XML back
+
+
+def parse_owner(root: ET.Element) -> DomainOwner | None:
+    instance = root.find(f"metadata/{{{METADATA_NS}}}instance")
+    if instance is None:
+        return None
+
+    def text(field: str) -> str:
+        return (instance.findtext(f"{{{METADATA_NS}}}{field}") or "").strip()
+
+    if not text("uid") or not text("name") or not text("namespace"):
+        return None
+    return DomainOwner(namespace=text("namespace"), name=text("name"), uid=text("uid"), host=text("host"),
+                       launch_version=text("launchVersion"), started_at=text("startedAt"))
+
+
+def parse_disks(root: ET.Element) -> tuple[DiskDevice, ...]:
+    """The file-backed disks and CDs of the domain, in XML order. ``volume`` is the Volume name of a Cumulo
+    volume disk, "" for anything else (the config drive, a disk someone added by hand)."""
+    disks = []
+    for element in root.findall("devices/disk"):
+        source = element.find("source")
+        target = element.find("target")
+        if source is None or target is None or not source.get("file"):
+            continue
+        driver = element.find("driver")
+        alias = element.find("alias")
+        disks.append(DiskDevice(
+            volume=volume_of_alias(alias.get("name") if alias is not None else None) or "",
+            path=source.get("file", ""), target=target.get("dev", ""), bus=target.get("bus", ""),
+            format=driver.get("type", "raw") if driver is not None else "raw",
+            device=element.get("device", "disk"), read_only=element.find("readonly") is not None))
+    return tuple(disks)
+
+
+def parse_console(root: ET.Element) -> str | None:
+    source = root.find("devices/serial[@type='file']/source")
+    return source.get("path") if source is not None else None
+
+
+def parse(xml: str) -> tuple[DomainOwner | None, tuple[DiskDevice, ...], str | None]:
+    """(owner, disks, console log path) of a domain XML."""
+    root = ET.fromstring(xml)
+    return parse_owner(root), parse_disks(root), parse_console(root)

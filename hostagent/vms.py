@@ -1,0 +1,455 @@
+"""VirtualMachines: the agent of the host a guest is placed on runs its domain as ``status.launch`` says, and
+reports what it observes in ``status.node`` (DomainInfo).
+
+Per VirtualMachine (one reconcile at a time per object, level-based, on every event and every
+``resync_seconds``):
+
+* launch ``Running``: a transient domain (UUID = the object's uid) runs; if not, it is started (config
+  drive and console file prepared first). A running domain is adopted as it is: never restarted. Data
+  disks added to or removed from the launch are hot-plugged / unplugged. A guest that powers itself off is
+  started again (the launch says Running), with a growing delay if it keeps stopping right after starting.
+* launch ``Stopped``: an ACPI shutdown, repeated every ``shutdown_retry_seconds`` (a guest ignores the power
+  button until its ACPI daemon runs), then a hard stop after ``stop_timeout`` seconds.
+* ``status.node`` is patched only when the report changes.
+
+A sweep (at start, every ``sweep_seconds`` and whenever a VirtualMachine leaves the cache) lists the
+hypervisor's domains: a Cumulo domain of this agent's hosts whose VirtualMachine the cache shows placed
+here is adopted (queued: its reconcile takes over, the domain untouched); any other is destroyed, but only
+once a direct GET of the VirtualMachine (not the cache) confirms that it is gone, recreated, stopped or
+placed elsewhere: a lagging watch never kills a guest.
+
+Files of a guest (libvirt hosts only): ``<state-dir>/vms/<uid>/`` holds ``console.log`` (the serial
+console, written by QEMU), ``config-drive.iso`` and ``owner.json`` (namespace and name, so a janitor can
+confirm the VirtualMachine is gone before removing the directory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import shutil
+import time
+import typing as t
+
+import pydantic
+
+from controllers.api.v1alpha1.virtualmachine import LaunchSpec
+
+from . import vmspec
+from .configdrive import write_config_drive
+from .drivers.hypervisor import Domain, DomainState, HypervisorDriver, HypervisorError
+from .kube import KubeError
+from .reconciler import ObjectReconciler
+
+if t.TYPE_CHECKING:
+    from .agent import HostWorker
+
+log = logging.getLogger(__name__)
+
+CONSOLE_ROTATE_BYTES = 8 * 1024**2
+"""A console log bigger than this when its guest starts is moved to console.log.1 (one old log is kept)."""
+
+RESTART_WINDOW = 30.0
+"""A guest that stops by itself within this many seconds of its start is restarted with a growing delay."""
+
+RESTART_MAX_DELAY = 300.0
+DETACH_RETRY_SECONDS = 5.0
+STOPPING_POLL = 1.0
+
+
+class StartRefused(Exception):
+    """The domain cannot be started as described (a disk file is missing...); the message is reported."""
+
+
+@dataclasses.dataclass
+class Stopping:
+    uid: str
+    since: float
+    last_request: float = 0.0
+
+
+@dataclasses.dataclass
+class Starts:
+    uid: str
+    at: float                          # when the agent last started the domain
+    quick_stops: int = 0               # stops by the guest itself within RESTART_WINDOW of a start, in a row
+    restart_at: float | None = None    # set when the domain is first found gone after that start
+
+
+class VmFiles:
+    """The per-guest directory under ``<state-dir>/vms``."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.root = os.path.join(state_dir, "vms")
+
+    def directory(self, uid: str) -> str:
+        return os.path.join(self.root, uid)
+
+    def console_log(self, uid: str) -> str:
+        return os.path.join(self.directory(uid), "console.log")
+
+    def config_drive(self, uid: str) -> str:
+        return os.path.join(self.directory(uid), "config-drive.iso")
+
+    def prepare(self, vm: t.Mapping[str, t.Any], launch: LaunchSpec, domain_name: str) -> tuple[str, str]:
+        """Create the guest's directory, owner file, console log (rotated when big, with a header line) and
+        config drive; (console log, config drive) paths."""
+        meta = vm["metadata"]
+        uid = str(meta["uid"])
+        directory = self.directory(uid)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        owner = {"namespace": meta.get("namespace"), "name": meta["name"], "uid": uid}
+        with open(os.path.join(directory, "owner.json"), "w") as file:
+            json.dump(owner, file)
+        console = self.console_log(uid)
+        try:
+            if os.path.getsize(console) > CONSOLE_ROTATE_BYTES:
+                os.replace(console, console + ".1")
+        except FileNotFoundError:
+            pass
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        with open(console, "a") as file:
+            file.write(f"\n[cumulo-agent {stamp}] starting domain {domain_name} on host {launch.host}\n")
+        drive = self.config_drive(uid)
+        write_config_drive(drive, instance_id=uid, hostname=launch.hostname or str(meta["name"]),
+                           user_data=launch.user_data, public_keys=launch.ssh_public_keys)
+        return console, drive
+
+    def leftovers(self) -> list[tuple[str, dict[str, t.Any] | None, float]]:
+        """(uid, owner or None, mtime) of every guest directory."""
+        found = []
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            if not entry.is_dir():
+                continue
+            try:
+                with open(os.path.join(entry.path, "owner.json")) as file:
+                    owner = json.load(file)
+            except (OSError, ValueError):
+                owner = None
+            try:
+                mtime = entry.stat().st_mtime
+            except OSError:
+                continue
+            found.append((entry.name, owner if isinstance(owner, dict) else None, mtime))
+        return found
+
+    def remove(self, uid: str) -> None:
+        shutil.rmtree(self.directory(uid), ignore_errors=True)
+
+
+class VmReconciler(ObjectReconciler):
+    kind = "VirtualMachine"
+    plural = "virtualmachines"
+    status_key = "node"
+
+    def __init__(self, agent: t.Any, *, stop_timeout: float = 60.0, shutdown_retry_seconds: float = 3.0,
+                 sweep_seconds: float = 30.0, janitor_seconds: float = 300.0, **kwargs: t.Any) -> None:
+        super().__init__(agent, **kwargs)
+        self.stop_timeout = stop_timeout
+        self.shutdown_retry_seconds = shutdown_retry_seconds
+        self.sweep_seconds = sweep_seconds
+        self.janitor_seconds = janitor_seconds
+        self.files = VmFiles(agent.config.state_dir)
+        self._stopping: dict[str, Stopping] = {}
+        self._starts: dict[str, Starts] = {}
+        self._detaching: dict[tuple[str, str], float] = {}
+        self._adopted: set[str] = set()
+        self._sweep_wake = asyncio.Event()
+        self.swept = asyncio.Event()  # the first sweep is done (tests, readiness)
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def on_event(self, kind: str, key: str, old: dict[str, t.Any] | None, new: dict[str, t.Any] | None) -> None:
+        if kind == "DELETED":
+            self._sweep_wake.set()  # a domain of it, if any, is a suspect now
+
+    def _forget(self, key: str) -> None:
+        self._stopping.pop(key, None)
+        self._starts.pop(key, None)
+        self._adopted.discard(key)
+        for entry in [entry for entry in self._detaching if entry[0] == key]:
+            del self._detaching[entry]
+        self.queue.forget(key)
+        self.forget_states(key)
+
+    # -- reconcile -------------------------------------------------------------------------------
+
+    async def reconcile(self, key: str, vm: dict[str, t.Any] | None) -> float | None:
+        if vm is None:
+            self._forget(key)
+            return None
+        try:
+            launch = vmspec.launch_of(vm)
+        except pydantic.ValidationError as error:
+            self.transition(key, "launch", "invalid", logging.ERROR, "status.launch cannot be read",
+                            error=str(error).splitlines()[0])
+            return None
+        uid = str(vm["metadata"]["uid"])
+        worker = self.worker(launch.host if launch is not None else None)
+        if launch is None or worker is None:
+            # Bound to this agent by its label but not (or no longer) placed here (being placed, or stopped a
+            # moment ago): a domain of it here, if any, is for the sweep to judge (with a direct GET).
+            labelled = self.worker(self.bound_host(vm))
+            if labelled is not None:
+                try:
+                    if await labelled.hypervisor.domain(uid) is not None:
+                        self._sweep_wake.set()
+                except HypervisorError:
+                    pass  # the periodic sweep looks again
+            return None
+        hypervisor = worker.hypervisor
+        message, delay = "", None
+        domain: Domain | None
+        try:
+            domain = await hypervisor.domain(uid)
+            if vmspec.wants_running(launch):
+                self._stopping.pop(key, None)
+                domain, delay, message = await self._run(key, vm, launch, worker, domain)
+            else:
+                self._starts.pop(key, None)
+                domain, delay = await self._stop(key, uid, hypervisor, domain)
+            self.queue.forget(key)
+        except (HypervisorError, StartRefused, OSError) as error:
+            message = str(error)
+            self.transition(key, "error", message, logging.WARNING, "domain operation failed", error=message)
+            delay = self.queue.backoff(key)
+            try:
+                domain = await hypervisor.domain(uid)
+            except HypervisorError:
+                # The hypervisor does not answer: the domain's state is unknown, never "shutoff" (the
+                # controller would take the guest for stopped and release its placement).
+                domain = Domain(uuid=uid, name="", state=DomainState.UNKNOWN)
+        else:
+            self._states.pop((key, "error"), None)
+        console = self.files.console_log(uid) if hypervisor.local_files else None
+        if console is not None and not os.path.exists(console):
+            console = None  # never started on this host yet
+        await self.report(key, vm, vmspec.domain_report(launch.host, domain, console_log=console, message=message))
+        return delay
+
+    async def _run(self, key: str, vm: dict[str, t.Any], launch: LaunchSpec, worker: HostWorker,
+                   domain: Domain | None) -> tuple[Domain | None, float | None, str]:
+        hypervisor = worker.hypervisor
+        uid = str(vm["metadata"]["uid"])
+        if domain is not None and domain.state == DomainState.STOPPING:
+            return domain, STOPPING_POLL, ""  # a shutdown asked for earlier finishes first; then it starts again
+        if domain is not None and not domain.active:
+            await hypervisor.destroy(uid)  # crashed: clear it away before starting afresh
+            domain = None
+        if domain is None:
+            wait, message = self._restart_delay(key, uid)
+            if wait > 0:
+                return None, wait, message
+            domain = await self._start(key, vm, launch, worker)
+            return domain, None, ""
+        if key not in self._adopted:
+            self._adopted.add(key)
+            if key not in self._starts:
+                log.info("adopted running domain", extra={"object": key, "domain": domain.name, "uuid": uid})
+        return await self._converge_disks(key, launch, hypervisor, domain)
+
+    def _restart_delay(self, key: str, uid: str) -> tuple[float, str]:
+        """A guest that keeps stopping right after its start is not restarted in a loop: the first time its
+        domain is found gone, a quick stop (within RESTART_WINDOW of the start) sets a delay, doubling with
+        each quick stop in a row."""
+        starts = self._starts.get(key)
+        if starts is None or starts.uid != uid:
+            return 0.0, ""
+        now = time.monotonic()
+        if starts.restart_at is None:
+            starts.quick_stops = starts.quick_stops + 1 if now - starts.at <= RESTART_WINDOW else 0
+            delay = min(RESTART_MAX_DELAY, 5.0 * 2 ** (starts.quick_stops - 1)) if starts.quick_stops else 0.0
+            starts.restart_at = now + delay
+            log.info("the guest stopped by itself; starting it again", extra={
+                "object": key, "uuid": uid, "ran_seconds": round(now - starts.at, 1), "delay": delay})
+        remaining = starts.restart_at - now
+        if remaining > 0:
+            return remaining, "the guest stopped by itself soon after starting; starting it again with backoff"
+        return 0.0, ""
+
+    async def _start(self, key: str, vm: dict[str, t.Any], launch: LaunchSpec, worker: HostWorker) -> Domain:
+        hypervisor = worker.hypervisor
+        uid = str(vm["metadata"]["uid"])
+        name = vmspec.domain_name(str(vm["metadata"].get("namespace", "")), str(vm["metadata"]["name"]), uid)
+        console = drive = None
+        if hypervisor.local_files:
+            for disk in launch.disks:
+                if not os.path.exists(disk.path):
+                    raise StartRefused(f"disk {disk.path} of volume {disk.volume} does not exist")
+            for path in (launch.kernel_path, launch.initrd_path):
+                if path and not os.path.exists(path):
+                    raise StartRefused(f"boot file {path} does not exist")
+            console, drive = await asyncio.to_thread(self.files.prepare, vm, launch, name)
+        description = vmspec.describe(vm, launch, console_log=console, config_drive=drive,
+                                      host_mhz=worker.facts.cpu_speed_mhz if worker.facts else None,
+                                      started_at=datetime.datetime.now(datetime.timezone.utc))
+        previous = self._starts.get(key)
+        started = time.monotonic()
+        domain = await hypervisor.start(description)
+        self._starts[key] = Starts(uid, started, previous.quick_stops if previous and previous.uid == uid else 0)
+        self._adopted.add(key)
+        log.info("domain started", extra={"object": key, "domain": domain.name, "uuid": uid, "host": launch.host,
+                                          "seconds": round(time.monotonic() - started, 2)})
+        return domain
+
+    async def _converge_disks(self, key: str, launch: LaunchSpec, hypervisor: HypervisorDriver,
+                              domain: Domain) -> tuple[Domain | None, float | None, str]:
+        changes = vmspec.disk_changes(launch, domain.disks)
+        present = {disk.volume for disk in domain.disks if disk.volume}
+        for entry in [entry for entry in self._detaching if entry[0] == key and entry[1] not in present]:
+            del self._detaching[entry]
+        if not changes:
+            return domain, None, ""
+        now = time.monotonic()
+        for disk in changes.attach:
+            try:
+                await hypervisor.attach_disk(domain.uuid, disk)
+            except HypervisorError as error:
+                raise HypervisorError(f"attaching volume {disk.volume}: {error}") from None
+            log.info("disk attached", extra={"object": key, "volume": disk.volume, "target": disk.target})
+        for disk in changes.detach:
+            asked = self._detaching.get((key, disk.volume))
+            if asked is not None and now - asked < DETACH_RETRY_SECONDS:
+                continue
+            try:
+                await hypervisor.detach_disk(domain.uuid, disk)
+            except HypervisorError as error:
+                raise HypervisorError(f"detaching volume {disk.volume}: {error}") from None
+            self._detaching[(key, disk.volume)] = now
+            log.info("disk detach requested", extra={"object": key, "volume": disk.volume, "target": disk.target})
+        domain = await hypervisor.domain(domain.uuid)
+        pending = domain is not None and any(disk.volume in {d.volume for d in changes.detach} for disk in domain.disks)
+        return domain, 1.0 if pending else None, ""
+
+    async def _stop(self, key: str, uid: str, hypervisor: HypervisorDriver,
+                    domain: Domain | None) -> tuple[Domain | None, float | None]:
+        if domain is None or not domain.active:
+            if domain is not None:
+                await hypervisor.destroy(uid)
+                domain = None
+            if self._stopping.pop(key, None) is not None:
+                log.info("domain stopped", extra={"object": key, "uuid": uid})
+            return None, None
+        now = time.monotonic()
+        stopping = self._stopping.get(key)
+        if stopping is None or stopping.uid != uid:
+            stopping = self._stopping[key] = Stopping(uid, now)
+        if now - stopping.since >= self.stop_timeout:
+            log.warning("the guest did not power off after ACPI shutdown requests; destroying the domain",
+                        extra={"object": key, "uuid": uid, "timeout": self.stop_timeout})
+            await hypervisor.destroy(uid)
+            self._stopping.pop(key, None)
+            return await hypervisor.domain(uid), None
+        if now - stopping.last_request >= self.shutdown_retry_seconds:
+            await hypervisor.shutdown(uid)
+            if not stopping.last_request:
+                log.info("domain shutdown requested (ACPI)", extra={"object": key, "uuid": uid})
+            stopping.last_request = now
+        domain = await hypervisor.domain(uid)
+        if domain is None or not domain.active:
+            return await self._stop(key, uid, hypervisor, domain)
+        return domain, STOPPING_POLL
+
+    # -- sweep: adoption and orphans -----------------------------------------------------------
+
+    def background(self) -> list[t.Coroutine[t.Any, t.Any, None]]:
+        return [self._sweeper()]
+
+    async def _sweeper(self) -> None:
+        await self.informer.synced.wait()
+        last_janitor = -self.janitor_seconds
+        while True:
+            try:
+                await self.sweep()
+                if time.monotonic() - last_janitor >= self.janitor_seconds:
+                    last_janitor = time.monotonic()
+                    await self.janitor()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("domain sweep failed")
+            self.swept.set()
+            try:
+                await asyncio.wait_for(self._sweep_wake.wait(), self.sweep_seconds)
+                await asyncio.sleep(0.5)  # one sweep for a burst of events
+            except TimeoutError:
+                pass
+            self._sweep_wake.clear()
+
+    def _hypervisors(self) -> list[tuple[str, HypervisorDriver]]:
+        seen: dict[int, tuple[str, HypervisorDriver]] = {}
+        for name, worker in self.agent.workers.items():
+            seen.setdefault(id(worker.hypervisor), (name, worker.hypervisor))
+        return list(seen.values())
+
+    def _vms_by_uid(self) -> dict[str, dict[str, t.Any]]:
+        return {str(vm["metadata"]["uid"]): vm for vm in self.informer.cache.values()
+                if self.bound_host(vm) is not None}
+
+    async def sweep(self) -> None:
+        """Adopt the domains the cache places here; destroy the confirmed orphans."""
+        vms = self._vms_by_uid()
+        for host, hypervisor in self._hypervisors():
+            try:
+                domains = await hypervisor.domains()
+            except HypervisorError as error:
+                self.transition("", f"sweep {host}", str(error), logging.WARNING, "cannot list domains",
+                                error=str(error))
+                continue
+            self._states.pop(("", f"sweep {host}"), None)
+            plan = vmspec.sweep_plan(domains, vms, self.hosts)
+            for key, _domain in plan.adopt:
+                self.queue.add(key)
+            for domain in plan.suspects:
+                await self._judge(hypervisor, domain)
+
+    async def _judge(self, hypervisor: HypervisorDriver, domain: Domain) -> None:
+        owner = domain.owner
+        assert owner is not None
+        try:
+            vm = await self.get_live(owner.key)
+        except KubeError as error:
+            self.transition(owner.key, "judge", "unconfirmed", logging.INFO,
+                            "cannot confirm a domain's VirtualMachine; leaving the domain alone",
+                            error=error.message)
+            return
+        verdict, why = vmspec.domain_verdict(owner, vm)
+        if verdict == vmspec.Verdict.DESTROY:
+            log.warning("destroying a domain that is not placed here", extra={
+                "object": owner.key, "domain": domain.name, "uuid": domain.uuid, "reason": why})
+            try:
+                await hypervisor.destroy(domain.uuid)
+            except HypervisorError as error:
+                log.warning("cannot destroy an orphaned domain", extra={"uuid": domain.uuid, "error": str(error)})
+        else:
+            self.queue.add(owner.key)  # the cache lags; its reconcile takes over when it catches up
+
+    async def janitor(self) -> None:
+        """Remove the files of guests whose VirtualMachine is confirmed gone."""
+        if not any(hypervisor.local_files for _, hypervisor in self._hypervisors()):
+            return
+        live: set[str] = set()
+        for _, hypervisor in self._hypervisors():
+            live.update(domain.uuid for domain in await hypervisor.domains())
+        known = {str(vm["metadata"]["uid"]) for vm in self.informer.cache.values()}
+        for uid, owner, mtime in await asyncio.to_thread(self.files.leftovers):
+            if uid in live or uid in known or time.time() - mtime < 60:
+                continue
+            if owner is None or not owner.get("name"):
+                continue  # not ours to judge
+            key = f"{owner.get('namespace', '')}/{owner['name']}"
+            try:
+                vm = await self.get_live(key)
+            except KubeError:
+                continue
+            if vm is None or vm["metadata"].get("uid") != uid:
+                log.info("removing the files of a deleted guest", extra={"object": key, "uid": uid})
+                await asyncio.to_thread(self.files.remove, uid)
