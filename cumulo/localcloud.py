@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -35,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from cumulo import envtest, libvirtd, processes, toolchain
+from cumulo import envtest, guestimage, libvirtd, processes, toolchain
 
 REPO = Path(__file__).resolve().parent.parent
 STATE_DIR = REPO / ".cumulo"
@@ -250,6 +251,7 @@ def up(state_dir: Path | str | None = None, *, log: Log = print, timeout: float 
             ensure(f"agent/{host}", f"cumulo-agent-{host}", [
                 str(bin_dir / "cumulo-agent"), "--host", host, "--hypervisor", "libvirt",
                 "--libvirt-uri", daemon.uri, "--network-driver", "simulator", "--log-format", "text",
+                "--state-dir", str(layout.root / "hosts" / host / "agent"),
             ], layout.agent_log(host), {"libvirtd": daemon.record.to_json() if daemon.record else None})
         for name in sorted(set(components) - {"controller", *(f"agent/{host}" for host in manifests.hosts)}):
             log(f"stopping {name}: its host is no longer in {_show(manifests.directory)}")
@@ -262,13 +264,14 @@ def up(state_dir: Path | str | None = None, *, log: Log = print, timeout: float 
         # one of its Hosts is missing; otherwise a user's own changes to its objects are left alone.
         quickstart_applied = {"cluster": identity["ca_sha256"],
                               "quickstart": _digest(sorted(manifests.directory.glob("*.yaml")))}
+        _seed_tiny_guest(log)
         if applied.get("quickstart") != quickstart_applied or None in _get_hosts(plane, manifests.hosts).values():
             plane.kubectl("apply", "--server-side", "--field-manager=cumulo-quickstart", "-f",
                           str(manifests.directory))
             applied["quickstart"] = quickstart_applied
         _save(layout, components, applied)
         hosts = _wait_hosts_up(plane, manifests.hosts, components, layout, timeout)
-        vms = _vm_phases(plane, manifests.vms)
+        vms = _wait_vms_running(plane, manifests.vms, log, timeout)
 
     plane_state = processes.read_json(plane.state_path) or {}
     pids = {"etcd": plane_state["etcd"]["pid"], "kube-apiserver": plane_state["apiserver"]["pid"]}
@@ -457,6 +460,57 @@ def _wait_hosts_up(plane: envtest.ControlPlane, hosts: list[str], components: Ma
         time.sleep(0.25)
 
 
+SEED_DIR = Path("/var/lib/cumulo/seed")
+
+
+def _seed_tiny_guest(log: Log) -> None:
+    """Put the tiny test guest where the quickstart's Template points (file:///var/lib/cumulo/seed/...)."""
+    guest = guestimage.ensure_tiny_guest(log)
+    SEED_DIR.mkdir(parents=True, exist_ok=True)
+    for source, digest, target in ((guest.disk, guest.disk_sha256, "tiny-guest.qcow2"),
+                                   (guest.kernel, guest.kernel_sha256, "tiny-guest.vmlinuz"),
+                                   (guest.initrd, guest.initrd_sha256, "tiny-guest.initrd")):
+        stamp = SEED_DIR / f".{target}.sha256"
+        if (SEED_DIR / target).exists() and stamp.exists() and stamp.read_text() == digest:
+            continue
+        partial = SEED_DIR / f".{target}.partial"
+        shutil.copyfile(source, partial)
+        partial.rename(SEED_DIR / target)
+        stamp.write_text(digest)
+
+
+def _wait_vms_running(plane: envtest.ControlPlane, vms: list[tuple[str, str]], log: Log,
+                      timeout: float) -> dict[str, str]:
+    """Wait until the quickstart's guests run and their consoles show the boot marker; their phases."""
+    deadline = time.monotonic() + timeout
+    phases = _vm_phases(plane, vms)
+    for namespace, name in vms:
+        key = f"{namespace}/{name}"
+        console = None
+        while time.monotonic() < deadline:
+            result = plane.kubectl("get", "virtualmachine", name, "-n", namespace, "-o", "json", check=False)
+            status = (json.loads(result.stdout).get("status") or {}) if result.returncode == 0 else {}
+            phases[key] = status.get("phase") or "(no phase yet)"
+            console = ((status.get("node") or {}).get("consoleLog"))
+            if phases[key] == "Running" and console and guestimage.BOOT_MARKER in _read(Path(console)):
+                log(f"{key} is Running; its console ({console}) shows {guestimage.BOOT_MARKER!r}")
+                break
+            time.sleep(0.5)
+        else:
+            ready = next((c for c in status.get("conditions", []) if c.get("type") == "Ready"), {})
+            raise LocalCloudError(f"VirtualMachine {key} is {phases[key]}, not Running with its boot marker, "
+                                  f"after {timeout:.0f}s: {ready.get('reason')}: {ready.get('message')}"
+                                  + (f"\nconsole {console}:\n{_read(Path(console))[-2000:]}" if console else ""))
+    return phases
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 def _vm_phases(plane: envtest.ControlPlane, vms: list[tuple[str, str]]) -> dict[str, str]:
     phases = {}
     for namespace, name in vms:
@@ -484,7 +538,7 @@ def _summary(cloud: Cloud, layout: Layout, plane: envtest.ControlPlane, componen
                      f"(log {_show(agent.log)}), libvirtd pid {daemon.pid} "
                      f"(log {_show(daemon.log_path)}, {daemon.uri})")
     for vm, phase in cloud.vms.items():
-        lines.append(f"  vm {vm:<11} phase {phase} (virtual machines are being built; `make up` does not wait for them)")
+        lines.append(f"  vm {vm:<11} {phase}  (`cumulo console {vm}` prints its serial console)")
     kubeconfig = _show(cloud.kubeconfig)
     lines += [
         "",

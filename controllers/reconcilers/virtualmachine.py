@@ -298,15 +298,17 @@ class VirtualMachineReconciler(InventoryReconciler):
             previous = find(vm.status.conditions, SCHEDULED)
             checks[SCHEDULED] = Check.passed("Scheduled", previous.message if previous else
                                              f"placed on host {status.placement.host}")
-        storage = self._storage_check(root, data, status.placement.host)
+        node = vm.status.node
+        running_here = node is not None and node.domain_state == "running" and node.host == status.placement.host
+        # A running guest only needs its root disk; a data disk being created or grown does not stop it.
+        storage = self._storage_check(root, [] if running_here else data, status.placement.host)
         checks[STORAGE_READY] = storage
         network = self._network_check(vm)
         checks[NETWORK_READY] = network
         if not storage.ok or not network.ok:
             return first_failure(storage, network), VmPhase.STARTING
         status.launch = self._launch(vm, offering, template, root, data, status.placement.host)
-        node = vm.status.node
-        if node is not None and node.domain_state == "running" and node.host == status.placement.host:
+        if running_here:
             return Check.passed("Running", f"running on host {status.placement.host}"), VmPhase.RUNNING
         if node is not None and node.message:
             return Check.failed("StartFailed", node.message), VmPhase.STARTING
@@ -333,12 +335,24 @@ class VirtualMachineReconciler(InventoryReconciler):
         return Check.passed("NoNics")
 
     def _launch(self, vm, offering, template, root, data, host: str) -> LaunchSpec:
+        attached = set(vm.status.node.disks) if vm.status.node else set()
+        previous = {d.volume: d.device for d in vm.status.launch.disks} if vm.status.launch else {}
+
+        def usable(volume) -> bool:
+            ready = find(volume.status.conditions, "Ready")
+            # An attached disk stays while it grows (Resizing); dropping it would detach it mid-resize.
+            return (ready is not None and ready.status.value == "True") or volume.metadata.name in attached
+
+        chosen = [root, *[d for d in data if usable(d)]]
+        # A disk keeps its device name for as long as it stays attached; new ones take the first free name.
+        taken = {"vda"} | {previous[v.metadata.name] for v in chosen if v.metadata.name in previous}
+        free = (f"vd{chr(ord('a') + i)}" for i in range(26) if f"vd{chr(ord('a') + i)}" not in taken)
         disks = []
-        for index, volume in enumerate([root, *[d for d in data if find(d.status.conditions, "Ready")
-                                               and find(d.status.conditions, "Ready").status.value == "True"]]):
+        for volume in chosen:
+            device = "vda" if volume is root else previous.get(volume.metadata.name) or next(free)
             pool = self.store.get("storagepools", volume.status.storage_pool)
             disks.append(LaunchDisk(
-                volume=volume.metadata.name, device=f"vd{chr(ord('a') + index)}", pool=volume.status.storage_pool,
+                volume=volume.metadata.name, device=device, pool=volume.status.storage_pool,
                 pool_type=pool.spec.type.value if pool else "Filesystem", path=volume.status.path,
                 format=volume.status.format or "qcow2", size_bytes=volume.status.size_bytes or 0))
         copy = next(c for c in template.status.zones if c.zone == vm.spec.zone)

@@ -197,8 +197,10 @@ class VolumeReconciler(InventoryReconciler):
         return []
 
     async def finalize(self, volume: Volume) -> bool:
-        """The disk's agent deletes it first; a disk never created needs nothing."""
-        if volume.status.node is None or not volume.status.node.exists:
+        """The disk's agent deletes it first. A volume never handed to an agent needs nothing; one handed
+        over waits for the agent's report, since it may be creating the disk right now."""
+        node = volume.status.node
+        if not volume.status.path or (node is not None and not node.exists):
             return True
         host = volume.status.host
         if host and volume.metadata.labels.get(HOST_LABEL) != host:
