@@ -53,9 +53,17 @@ class Process:
     def __init__(self, name: str, argv: list[str], log_path: Path):
         import subprocess
 
-        self.name, self.log_path = name, log_path
+        self.name, self.log_path, self.argv = name, log_path, argv
         self._log = log_path.open("ab")
         self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def restart(self, kill: bool = True) -> None:
+        """Stop (SIGKILL by default: a crash) and start the same command again."""
+        import subprocess
+
+        self.stop(kill=kill)
+        self._log = self.log_path.open("ab")
+        self.popen = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
