@@ -9,7 +9,6 @@ full lease duration of grace from the first time its Lease is seen.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import typing as t
 
 from controllers.api.v1alpha1.host import HostState
@@ -82,9 +81,3 @@ def connection_state(seen: Observation | None, lease: Lease | None, reported: bo
     return HostState.ALERT, Check.failed(
         "HeartbeatLostLong", f"the agent has not renewed its heartbeat for more than {duration + alert_after:.0f}s; "
         "the host needs attention"), None
-
-
-def parse_time(value: str | None) -> datetime.datetime | None:
-    if not value:
-        return None
-    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
