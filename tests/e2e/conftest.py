@@ -31,7 +31,7 @@ def tiny_guest() -> guestimage.TinyGuest:
     """The tiny guest's kernel, initrd and root disk; skips the tests only when QEMU is not installed."""
     for tool, package in ((QEMU, "qemu-system-x86"), ("qemu-img", "qemu-utils")):
         if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (Debian package {package}, listed in hack/system-packages.txt; "
+            pytest.skip(reason=f"{tool} is not installed (Debian package {package}, listed in hack/system-packages.txt; "
                         "run hack/install-system-deps)")
     started = time.monotonic()
     guest = guestimage.ensure_tiny_guest(log=lambda message: print(f"[tiny guest] {message}"))
@@ -211,7 +211,7 @@ def _make_nocloud_iso(path: Path, user_data: bytes, meta_data: bytes) -> Path:
         argv = ["xorriso", "-as", "mkisofs", "-quiet", "-output", str(path), "-volid", label, "-joliet",
                 "-rock", str(source)]
     else:
-        pytest.skip("no way to make a NoCloud ISO: pycdlib is not in the virtualenv and neither genisoimage nor "
+        pytest.skip(reason="no way to make a NoCloud ISO: pycdlib is not in the virtualenv and neither genisoimage nor "
                     "xorriso is installed (hack/system-packages.txt lists genisoimage)")
     subprocess.run(argv, check=True)
     return path

@@ -28,7 +28,7 @@ def toolchain_binaries() -> None:
     if not missing:
         return
     if shutil.which("go") is None:
-        pytest.skip(f"integration tier skipped: {', '.join(missing)} not built and Go is not installed "
+        pytest.skip(reason=f"integration tier skipped: {', '.join(missing)} not built and Go is not installed "
                     "to build them (see cumulo/toolchain.py)")
     toolchain.ensure_all()  # a build error fails the session loudly
 

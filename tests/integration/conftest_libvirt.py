@@ -169,12 +169,12 @@ def system_namespace(kube: client.ApiClient) -> str:
 def libvirtd() -> Iterator[PrivateLibvirtd]:
     reason = unavailable_reason()
     if reason is not None:
-        pytest.skip(f"no private libvirtd: {reason}")
+        pytest.skip(reason=f"no private libvirtd: {reason}")
     daemon = PrivateLibvirtd()
     try:
         daemon.start()
     except LibvirtUnavailable as error:
-        pytest.skip(f"private libvirtd did not start: {error}")
+        pytest.skip(reason=f"private libvirtd did not start: {error}")
     try:
         yield daemon
     finally:

@@ -27,7 +27,7 @@ def bridge() -> str:
         try:
             ipr.link("add", ifname=name, kind="bridge")
         except NetlinkError as error:
-            pytest.skip(f"cannot create a bridge here (needs CAP_NET_ADMIN): {error}")
+            pytest.skip(reason=f"cannot create a bridge here (needs CAP_NET_ADMIN): {error}")
     yield name
     with IPRoute() as ipr:
         for index in ipr.link_lookup(ifname=name):

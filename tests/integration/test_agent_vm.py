@@ -40,7 +40,7 @@ def guest() -> guestimage.TinyGuest:
 
     for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils")):
         if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (Debian package {package}; run hack/install-system-deps)")
+            pytest.skip(reason=f"{tool} is not installed (Debian package {package}; run hack/install-system-deps)")
     return guestimage.ensure_tiny_guest(log=lambda message: print(f"[tiny guest] {message}"))
 
 

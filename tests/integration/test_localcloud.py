@@ -33,7 +33,7 @@ def kubectl(kubeconfig: Path, *args: str) -> str:
 def test_up_runs_the_whole_cloud_idempotently_and_down_stops_it(tmp_path: Path) -> None:
     reason = libvirtd.unavailable_reason()
     if reason is not None:
-        pytest.skip(f"no private libvirtd: {reason}")
+        pytest.skip(reason=f"no private libvirtd: {reason}")
     state_dir = tmp_path / "cloud"
     messages: list[str] = []
     recorded: set[int] = set()
