@@ -8,6 +8,7 @@ resourceVersion they were computed from, so a concurrent change fails the write 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import socket
 import typing as t
@@ -45,19 +46,20 @@ class KubeApi:
                 raise Conflict(error.reason) from error
             raise
 
+    async def _request(self, verb: str, kind: Kind, namespace: str | None, *rest: t.Any, status: bool = False,
+                       **kwargs: t.Any) -> t.Any:
+        """Call ``<verb>_{namespaced|cluster}_custom_object[_status]`` with the kind's path and ``rest``."""
+        scope = "namespaced" if kind.namespaced else "cluster"
+        function = getattr(self.custom, f"{verb}_{scope}_custom_object" + ("_status" if status else ""))
+        where = (namespace,) if kind.namespaced else ()
+        return await self._call(function, kind.group, kind.version, *where, kind.plural, *rest, **kwargs)
+
     async def _patch(self, kind: Kind, name: str, namespace: str | None, body: t.Any, *, status: bool = False,
-                     content_type: str = "application/merge-patch+json", missing_ok: bool = False) -> t.Any:
+                     missing_ok: bool = False) -> t.Any:
         self.writes += 1
-        if kind.namespaced:
-            function = (self.custom.patch_namespaced_custom_object_status if status
-                        else self.custom.patch_namespaced_custom_object)
-            args = (kind.group, kind.version, namespace, kind.plural, name, body)
-        else:
-            function = (self.custom.patch_cluster_custom_object_status if status
-                        else self.custom.patch_cluster_custom_object)
-            args = (kind.group, kind.version, kind.plural, name, body)
         try:
-            return await self._call(function, *args, _content_type=content_type)
+            return await self._request("patch", kind, namespace, name, body, status=status,
+                                       _content_type="application/merge-patch+json")
         except ApiException as error:
             if missing_ok and error.status == 404:
                 return None
@@ -101,24 +103,13 @@ class KubeApi:
     async def create(self, kind: Kind, body: dict) -> None:
         """Create an object; one that already exists is fine (the caller's earlier attempt got through)."""
         self.writes += 1
-        namespace = body["metadata"].get("namespace")
-        try:
-            if kind.namespaced:
-                await self._call(self.custom.create_namespaced_custom_object, kind.group, kind.version, namespace,
-                                 kind.plural, body)
-            else:
-                await self._call(self.custom.create_cluster_custom_object, kind.group, kind.version, kind.plural, body)
-        except Conflict:
-            pass
+        with contextlib.suppress(Conflict):
+            await self._request("create", kind, body["metadata"].get("namespace"), body)
 
     async def delete(self, kind: Kind, name: str, namespace: str | None) -> None:
         self.writes += 1
         try:
-            if kind.namespaced:
-                await self._call(self.custom.delete_namespaced_custom_object, kind.group, kind.version, namespace,
-                                 kind.plural, name)
-            else:
-                await self._call(self.custom.delete_cluster_custom_object, kind.group, kind.version, kind.plural, name)
+            await self._request("delete", kind, namespace, name)
         except ApiException as error:
             if error.status != 404:
                 raise

@@ -211,16 +211,6 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
-# The process helpers are shared with the private libvirtd and `make up` (cumulo.processes).
-_pdeathsig_hook = processes.pdeathsig_hook
-_proc_start_time = processes.proc_start_time
-_alive = processes.alive  # the start time guards against a recycled PID in a stale state.json
-_reap = processes.reap
-_tail = processes.tail
-_size = processes.size
-_terminate = processes.terminate  # SIGTERM, a grace period, SIGKILL; only the recorded process
-
-
 # --------------------------------------------------------------------------------------------
 # The control plane
 
@@ -283,7 +273,7 @@ class ControlPlane:
     @property
     def running(self) -> bool:
         state = self._state
-        return state is not None and all(_alive(state[name]["pid"], state[name]["start_time"])
+        return state is not None and all(processes.alive(state[name]["pid"], state[name]["start_time"])
                                          for name in ("etcd", "apiserver"))
 
     def _require_state(self) -> dict[str, Any]:
@@ -383,11 +373,11 @@ class ControlPlane:
         for name in ("apiserver", "etcd"):  # the apiserver first, so it does not log etcd errors
             proc = self._procs.pop(name, None)
             if proc is not None:
-                _terminate(proc.pid, None, timeout)
+                processes.terminate(proc.pid, None, timeout)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=1)
             elif state is not None and name in state:
-                _terminate(state[name]["pid"], state[name]["start_time"], timeout)
+                processes.terminate(state[name]["pid"], state[name]["start_time"], timeout)
 
     def _kill_leftovers(self, state: Mapping[str, Any]) -> None:
         self._stop_processes(state)
@@ -403,7 +393,7 @@ class ControlPlane:
     @staticmethod
     def _state_alive(state: Mapping[str, Any]) -> bool:
         try:
-            return all(_alive(state[name]["pid"], state[name]["start_time"])
+            return all(processes.alive(state[name]["pid"], state[name]["start_time"])
                        for name in ("etcd", "apiserver"))
         except (KeyError, TypeError):
             return False
@@ -511,23 +501,23 @@ class ControlPlane:
                 detach: bool, timeout: float) -> dict[str, Any] | None:
         """Start both processes; None if a port was taken in the meantime (caller retries)."""
         deadline = time.monotonic() + timeout
-        etcd_offset = _size(self.etcd_log)
+        etcd_offset = processes.size(self.etcd_log)
         etcd = self._spawn("etcd", self._etcd_command(binaries["etcd"], etcd_port, peer_port),
                            self.etcd_log, detach)
         # The apiserver's etcd preflight retries only once a second; waiting here is faster.
         while not _etcd_healthy(etcd_port):
             if etcd.poll() is not None:
-                tail = _tail(self.etcd_log, etcd_offset)
+                tail = processes.tail(self.etcd_log, etcd_offset)
                 self._procs.pop("etcd", None)
                 if "address already in use" in tail:
                     return None
                 raise ControlPlaneError(f"etcd exited with {etcd.returncode}; {self.etcd_log}:\n{tail}")
             if time.monotonic() > deadline:
                 raise ControlPlaneError(f"etcd not healthy after {timeout:.0f}s; {self.etcd_log}:\n"
-                                        f"{_tail(self.etcd_log, etcd_offset)}")
+                                        f"{processes.tail(self.etcd_log, etcd_offset)}")
             time.sleep(POLL_INTERVAL)
 
-        api_offset = _size(self.apiserver_log)
+        api_offset = processes.size(self.apiserver_log)
         api = self._spawn("apiserver", self._apiserver_command(binaries["kube-apiserver"], etcd_port,
                                                                api_port), self.apiserver_log, detach)
         context = self._client_ssl_context()
@@ -537,7 +527,7 @@ class ControlPlane:
             if status == 200:
                 break
             if api.poll() is not None:
-                tail = _tail(self.apiserver_log, api_offset)
+                tail = processes.tail(self.apiserver_log, api_offset)
                 self._procs.pop("apiserver", None)
                 if "address already in use" in tail:
                     self._stop_processes()
@@ -547,7 +537,7 @@ class ControlPlane:
             if time.monotonic() > deadline:
                 raise ControlPlaneError(
                     f"kube-apiserver not ready after {timeout:.0f}s; last /readyz:\n{last}\n"
-                    f"{self.apiserver_log}:\n{_tail(self.apiserver_log, api_offset)}")
+                    f"{self.apiserver_log}:\n{processes.tail(self.apiserver_log, api_offset)}")
             time.sleep(POLL_INTERVAL)
 
         url = f"https://127.0.0.1:{api_port}"
@@ -562,10 +552,10 @@ class ControlPlane:
             "kubernetes_version": toolchain.KUBERNETES.version,
             "admin_kubeconfig": str(self.admin_kubeconfig),
             "audit_log": str(self.audit_log),
-            "etcd": {"pid": etcd.pid, "start_time": _proc_start_time(etcd.pid),
+            "etcd": {"pid": etcd.pid, "start_time": processes.proc_start_time(etcd.pid),
                      "client_url": f"http://127.0.0.1:{etcd_port}",
                      "peer_url": f"http://127.0.0.1:{peer_port}", "log": str(self.etcd_log)},
-            "apiserver": {"pid": api.pid, "start_time": _proc_start_time(api.pid), "url": url,
+            "apiserver": {"pid": api.pid, "start_time": processes.proc_start_time(api.pid), "url": url,
                           "port": api_port, "log": str(self.apiserver_log)},
         }
 

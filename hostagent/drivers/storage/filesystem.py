@@ -21,6 +21,7 @@ import fcntl
 import os
 import shutil
 import threading
+import typing as t
 
 from controllers.api.v1alpha1.host import StorageReport
 
@@ -174,13 +175,7 @@ class FilesystemStorageDriver:
             raise StorageError(str(error)) from None
 
     async def delete_disk(self, path: str) -> None:
-        for name in (path, path + CREATING_SUFFIX):
-            try:
-                os.unlink(name)
-            except FileNotFoundError:
-                pass
-            except OSError as error:
-                raise StorageError(f"cannot delete {name}: {error.strerror or error}") from None
+        _unlink_all((path, path + CREATING_SUFFIX))
 
     # -- templates ---------------------------------------------------------------------------------
 
@@ -189,13 +184,18 @@ class FilesystemStorageDriver:
         return await download_template(request, self.qemu_img, progress, cancel)
 
     async def delete_template(self, path: str) -> None:
-        for name in copy_files(path):
-            try:
-                os.unlink(name)
-            except FileNotFoundError:
-                pass
-            except OSError as error:
-                raise StorageError(f"cannot delete {name}: {error.strerror or error}") from None
+        _unlink_all(copy_files(path))
 
     async def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
+
+
+def _unlink_all(names: t.Iterable[str]) -> None:
+    """Remove each file; one already gone is fine."""
+    for name in names:
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            raise StorageError(f"cannot delete {name}: {error.strerror or error}") from None
