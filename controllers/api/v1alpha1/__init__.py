@@ -21,6 +21,7 @@ from .snapshot import Snapshot
 from .storagepool import StoragePool
 from .template import Template
 from .virtualmachine import VirtualMachine
+from .virtualrouter import VirtualRouter
 from .volume import Volume
 from .zone import Zone
 
@@ -29,5 +30,5 @@ __all__ = [
     "AffinityGroup", "Cluster", "DiskOffering", "FirewallRule", "Host", "HostPod", "ImageStore",
     "LoadBalancerRule", "Network", "NetworkOffering", "PhysicalNetwork", "PortForwardingRule",
     "PublicIPAddress", "Quota", "SecurityGroup", "ServiceOffering", "Snapshot", "StoragePool", "Template",
-    "VirtualMachine", "Volume", "Zone",
+    "VirtualMachine", "VirtualRouter", "Volume", "Zone",
 ]

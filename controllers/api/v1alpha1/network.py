@@ -28,6 +28,56 @@ from .common import (
 )
 
 
+VXLAN_PREFIX, VLAN_PREFIX = "vxlan://", "vlan://"
+
+
+def broadcast_uri(isolation: str, vnet: int | None) -> str | None:
+    """CloudStack's broadcast URI of a segment: ``vlan://<id>``, ``vxlan://<vni>``, or None (untagged)."""
+    if vnet is None:
+        return None
+    return f"{VXLAN_PREFIX if isolation == 'VXLAN' else VLAN_PREFIX}{vnet}"
+
+
+def parse_broadcast_uri(uri: str | None) -> tuple[str | None, int | None]:
+    """``("VXLAN", 5001)``, ``("VLAN", 100)`` or ``(None, None)`` for an untagged segment."""
+    if not uri:
+        return None, None
+    for isolation, prefix in (("VXLAN", VXLAN_PREFIX), ("VLAN", VLAN_PREFIX)):
+        if uri.startswith(prefix):
+            return isolation, int(uri[len(prefix):])
+    raise ValueError(f"not a broadcast URI: {uri!r}")
+
+
+def guest_bridge(vswitch: str, label: str, uri: str | None) -> str:
+    """The bridge a segment's ports plug into on a host (names as CloudStack's KVM scripts make them,
+    kept within Linux's 15 characters). Open vSwitch plugs tagged ports into the label bridge itself."""
+    isolation, vnet = parse_broadcast_uri(uri)
+    if vswitch == "openvswitch" or isolation is None:
+        return label
+    return f"brvx-{vnet}" if isolation == "VXLAN" else f"brvlan-{vnet}"
+
+
+class Segment(Model):
+    """An L2 segment of a guest or public network on a host, resolved by the controller for the agent."""
+
+    vswitch: str = Field("linuxbridge", description="linuxbridge or openvswitch.")
+    traffic_label: str = Field(description="The host bridge carrying this traffic type (PhysicalNetwork label).")
+    broadcast_uri: str | None = Field(None, description="vlan://<id> or vxlan://<vni>; untagged when unset.")
+    bridge: str = Field(description="The bridge ports of the segment plug into on the host.")
+    mtu: int = Field(1500, description="MTU of the segment (VXLAN takes 50 bytes of the physical network's).")
+
+
+class TrafficRule(Model):
+    """A resolved allow rule (firewall, egress or security group) as the agent applies it."""
+
+    protocol: str = Field("All", description="TCP, UDP, ICMP or All.")
+    port_start: int | None = Field(None, description="First TCP/UDP port; every port when unset.")
+    port_end: int | None = Field(None, description="Last TCP/UDP port.")
+    icmp_type: int | None = Field(None, description="ICMP type; every type when unset or -1.")
+    icmp_code: int | None = Field(None, description="ICMP code; every code when unset or -1.")
+    cidrs: list[str] = Field(default_factory=list, description="Remote CIDRs; any address when empty.")
+
+
 class NetworkPhase(StrEnum):
     """CloudStack's network states."""
 

@@ -7,6 +7,7 @@ import typing as t
 
 from pydantic import ConfigDict, Field
 
+from .network import Segment, TrafficRule
 from .common import (
     IMMUTABLE,
     NAMESPACED,
@@ -150,18 +151,49 @@ class LaunchDisk(Model):
     read_only: bool = Field(False, description="Attached read-only (ISOs).")
 
 
+class SecurityGroupPolicy(Model):
+    """The security groups of a NIC, resolved to addresses: what the host enforces on the guest's port."""
+
+    ingress: list[TrafficRule] = Field(default_factory=list, description="Allowed ingress; the rest is dropped.")
+    egress: list[TrafficRule] = Field(
+        default_factory=list, description="Allowed egress; when empty (and egressDefaultAllow), all egress."
+    )
+    egress_default_allow: bool = Field(True, description="Allow all egress when no egress rule is given.")
+    groups: list[str] = Field(default_factory=list, description="The SecurityGroups these rules come from.")
+
+
 class LaunchNic(Model):
     """A NIC as the host agent plugs it."""
 
     network: str = Field(description="namespace/name of the Network.")
+    device_id: int = Field(0, description="Position of the NIC in the guest (eth0 is 0).")
     mac_address: str = Field(description="MAC address.")
-    ip_address: str | None = Field(None, description="Address IPAM gave the NIC.")
+    ip_address: str | None = Field(None, description="Address IPAM gave the NIC (none on L2 networks).")
     gateway: str | None = Field(None, description="Gateway of the network.")
     cidr: str | None = Field(None, description="CIDR of the network.")
     bridge: str = Field(description="Host bridge to plug into.")
     broadcast_uri: str | None = Field(None, description="vlan://<id> or vxlan://<vni>; untagged when unset.")
+    vswitch: str = Field("linuxbridge", description="linuxbridge or openvswitch.")
+    traffic_label: str | None = Field(None, description="Host bridge carrying the guest traffic type (the label).")
+    mtu: int = Field(1500, description="MTU of the segment.")
     default: bool = Field(False, description="Holds the default route.")
     rate_mbps: int | None = Field(None, description="Bandwidth limit.")
+    security_groups: SecurityGroupPolicy | None = Field(
+        None, description="Rules the host enforces on the port (basic zones); no filtering when unset."
+    )
+
+    def segment(self) -> Segment:
+        return Segment(vswitch=self.vswitch, traffic_label=self.traffic_label or self.bridge,
+                       broadcast_uri=self.broadcast_uri, bridge=self.bridge, mtu=self.mtu)
+
+
+class NicStatus(Model):
+    """A NIC's allocation, kept across stop, start and migration until the NIC or the guest goes."""
+
+    network: str = Field(description="namespace/name of the Network.")
+    device_id: int = Field(0, description="Position of the NIC in the guest.")
+    mac_address: str = Field(description="MAC address.")
+    ip_address: str | None = Field(None, description="Address IPAM gave the NIC.")
 
 
 class LaunchSpec(Model):
@@ -203,6 +235,7 @@ class VirtualMachineStatus(ResourceStatus):
 
     placement: Placement | None = Field(None, description="Where the planner placed the guest.")
     ip_address: str | None = Field(None, description="Address of the default NIC.")
+    nics: list[NicStatus] = Field(default_factory=list, description="Allocated NICs (MAC and IP), in device order.")
     launch: LaunchSpec | None = Field(None, description="Resolved description for the host agent.")
     node: DomainInfo | None = Field(None, description="What the host agent observes.")
     destroyed_at: datetime.datetime | None = Field(None, description="When the guest was destroyed.")
