@@ -75,7 +75,10 @@ class AgentConfig:
     hypervisor: str = "libvirt"  # libvirt | simulator
     libvirt_uri: str = "qemu:///system"
     virt_type: str = "qemu"
-    network_driver: str = "linuxbridge"  # linuxbridge | simulator
+    network_driver: str = "linuxbridge"  # linuxbridge | openvswitch | simulator
+    host_netns: str | None = None
+    """Simulated hosts: the network namespace standing in for the host's network stack (bridges, taps,
+    routers' veths are made in it). None: the agent's own, as on a real hypervisor."""
     storage_driver: str = "filesystem"  # filesystem | simulator
     simulated: SimulatedCapacity = dataclasses.field(default_factory=SimulatedCapacity)
     sim_storage_bytes: int = 10 * 1024**4

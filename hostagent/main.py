@@ -39,8 +39,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--libvirt-uri", default="qemu:///system")
     p.add_argument("--virt-type", choices=["qemu", "kvm"], default="qemu",
                    help="libvirt domain type; qemu (TCG) unless the host really runs KVM guests")
-    p.add_argument("--network-driver", choices=["linuxbridge", "simulator"],
+    p.add_argument("--network-driver", choices=["linuxbridge", "openvswitch", "simulator"],
                    help="default: linuxbridge for libvirt, simulator for the simulator")
+    p.add_argument("--host-netns", metavar="NAME",
+                   help="simulated hosts: the network namespace standing in for the host's network stack")
     p.add_argument("--storage-driver", choices=["filesystem", "simulator"],
                    help="default: filesystem for libvirt, simulator for the simulator")
     p.add_argument("--simulate", type=int, metavar="N", help="run N simulated hosts <host>-0 … <host>-(N-1)")
@@ -102,6 +104,7 @@ def build_config(options: argparse.Namespace, environ: t.Mapping[str, str]) -> A
         libvirt_uri=options.libvirt_uri,
         virt_type=options.virt_type,
         network_driver=options.network_driver or ("simulator" if simulator else "linuxbridge"),
+        host_netns=options.host_netns,
         storage_driver=options.storage_driver or ("simulator" if simulator else "filesystem"),
         simulated=SimulatedCapacity(cpus=options.sim_cpus, memory_mib=options.sim_memory_mib,
                                     cpu_speed_mhz=options.sim_cpu_speed_mhz),
