@@ -132,8 +132,15 @@ def _build_linuxbridge_host(lab: NetLab, host: LabHost) -> None:
     host.exec(["ip", "link", "set", PUBLIC_BRIDGE, "up"])
 
 
+def _build_openvswitch_host(lab: NetLab, host: LabHost) -> None:
+    from cumulo import ovs  # the host's own ovsdb-server/ovs-vswitchd; its teardown goes to host.cleanups
+
+    ovs.build_lab_host(lab, host)
+
+
 # vswitch -> builder of the host's traffic-label bridges (eth0/eth1 exist, are up-able, not enslaved).
-HOST_BUILDERS: dict[str, HostBuilder] = {"linuxbridge": _build_linuxbridge_host}
+HOST_BUILDERS: dict[str, HostBuilder] = {"linuxbridge": _build_linuxbridge_host,
+                                         "openvswitch": _build_openvswitch_host}
 
 
 class NetLab:
