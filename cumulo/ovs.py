@@ -4,10 +4,11 @@ A simulated hypervisor host is a network namespace (see :mod:`cumulo.netlab`); w
 Open vSwitch it needs a switch of its own, as a real host has. Each instance keeps everything in one work
 directory (the OVSDB file ``conf.db``, the database socket ``db.sock``, the daemons' control sockets, pid
 files and logs; the daemons find them through ``OVS_RUNDIR``/``OVS_DBDIR``/``OVS_LOGDIR``), so instances never
-meet each other or a system Open vSwitch. ``ovsdb-server`` only serves a Unix socket and runs wherever;
-``ovs-vswitchd`` runs inside the host's namespace (``ip netns exec``), so the ports it opens and the internal
-ports it creates (tap devices) are that host's interfaces. Clients (the agent's network driver, ``ovs-vsctl``)
-reach the database at :attr:`PrivateOpenVSwitch.db_url` from any namespace.
+meet each other or a system Open vSwitch. Both daemons run inside the host's namespace (``ip netns exec``):
+the ports ``ovs-vswitchd`` opens and the internal ports it creates (tap devices) are that host's interfaces,
+and whatever kills a namespace's processes (a lab's teardown) ends its switch too. The database socket is a
+file, so clients (the agent's network driver, ``ovs-vsctl``) reach :attr:`PrivateOpenVSwitch.db_url` from any
+namespace.
 
 Two modes, like :mod:`cumulo.libvirtd`:
 
@@ -176,7 +177,7 @@ class PrivateOpenVSwitch:
         if not self._running("ovsdb-server"):
             self.db_socket.unlink(missing_ok=True)
             self._spawn("ovsdb-server", [
-                "ovsdb-server", str(self.db_file), f"--remote=punix:{self.db_socket}",
+                "ip", "netns", "exec", self.netns, "ovsdb-server", str(self.db_file), f"--remote=punix:{self.db_socket}",
                 f"--pidfile={self.pidfile('ovsdb-server')}", f"--log-file={self.log_file('ovsdb-server')}",
             ], detach)
             self._wait(deadline, "ovsdb-server", self._db_answers)
@@ -276,3 +277,55 @@ class PrivateOpenVSwitch:
 
     def bridges(self) -> list[str]:
         return self.vsctl("list-br").split()
+
+
+# Lab hosts (cumulo.netlab) whose virtual switch is Open vSwitch
+
+LAB_DIR = Path("/run/cumulo-ovs")  # <LAB_DIR>/<host netns>/: one switch's work directory
+_lab_switches: dict[str, PrivateOpenVSwitch] = {}
+
+
+def lab_switch(netns: str) -> PrivateOpenVSwitch:
+    """The private Open vSwitch of the lab host whose namespace is ``netns``."""
+    switch = _lab_switches.get(netns)
+    if switch is None:
+        raise KeyError(f"{netns} is not an Open vSwitch lab host of this process")
+    return switch
+
+
+def _remove_stale_lab_dirs(namespaces: Sequence[str]) -> None:
+    # Work directories of namespaces that are gone (a crashed run's labs, reaped since).
+    if LAB_DIR.is_dir():
+        for directory in LAB_DIR.iterdir():
+            if directory.name not in namespaces:
+                shutil.rmtree(directory, ignore_errors=True)
+
+
+def build_lab_host(lab: Any, host: Any) -> None:
+    """The ``openvswitch`` host builder of :mod:`cumulo.netlab`: the traffic-label bridges ``cloudbr0``
+    (underlay address on its internal port, MTU of the underlay) and ``cloudbr1`` are netdev bridges of the
+    host's own Open vSwitch, with the host's NICs ``eth0``/``eth1`` as trunk ports (every VLAN tag passes)."""
+    from cumulo import netlab
+
+    reason = unavailable_reason()
+    if reason:
+        raise OVSUnavailable(reason)
+    _remove_stale_lab_dirs(netlab.list_netns())
+    switch = PrivateOpenVSwitch(host.netns, LAB_DIR / host.netns)
+
+    def teardown() -> None:
+        _lab_switches.pop(host.netns, None)
+        switch.stop()
+        shutil.rmtree(switch.workdir, ignore_errors=True)
+
+    host.cleanups.append(teardown)
+    switch.start()
+    _lab_switches[host.netns] = switch
+    for bridge, nic, mtu in ((netlab.UNDERLAY_BRIDGE, netlab.UNDERLAY_NIC, lab.underlay_mtu),
+                             (netlab.PUBLIC_BRIDGE, netlab.PUBLIC_NIC, 1500)):
+        switch.add_bridge(bridge, mtu=mtu)
+        disable_tx_offload(host.netns, nic)
+        switch.add_port(bridge, nic)
+        host.exec(["ip", "link", "set", nic, "up"])
+        host.exec(["ip", "link", "set", bridge, "up"])
+    host.exec(["ip", "addr", "add", f"{host.underlay_ip}/{lab.underlay.prefixlen}", "dev", netlab.UNDERLAY_BRIDGE])
