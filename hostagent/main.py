@@ -140,7 +140,7 @@ def build_workers(agent: Agent) -> list[HostWorker]:
     network: NetworkDriver
     if config.network_driver == "linuxbridge":
         from .drivers.network.linuxbridge import LinuxBridgeDriver  # pyroute2 only where it is used
-        network = LinuxBridgeDriver()
+        network = LinuxBridgeDriver(netns=config.host_netns)
     else:
         network = SimulatorNetworkDriver()
     shared_storage: StorageDriver | None = None
