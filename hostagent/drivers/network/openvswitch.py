@@ -1,0 +1,359 @@
+"""The Open vSwitch network driver: guest segments as VLAN tags on the traffic-label bridge, through OVSDB.
+
+The driver talks to the host's ``ovsdb-server`` directly with ovsdbapp (the OVSDB IDL that OpenStack's
+agents use), not through ``ovs-vsctl``: one long-lived connection keeps a replica of the database, so reads
+cost no process and writes are transactions. ovsdbapp is blocking (its IDL runs in a thread of its own);
+every call runs in a worker thread (``asyncio.to_thread``). Its write transactions wait until
+``ovs-vswitchd`` has applied them (``next_cfg``/``cur_cfg``, as ``ovs-vsctl`` does), so a plugged port is
+really in the datapath when :meth:`OpenVSwitchDriver.plug` returns; a port ``ovs-vswitchd`` could not open
+(``ofport`` -1) becomes a NetworkError with the switch's reason.
+
+A segment on a host, as CloudStack's Open vSwitch backend lays it out:
+
+* untagged: ports plug into the traffic-label bridge (``cloudbr0``) with no tag.
+* VLAN ``vlan://<id>``: ports plug into the traffic-label bridge itself as access ports with ``tag=<id>``; the
+  host's uplink on that bridge is a trunk (no tag, no ``trunks`` list), so the tagged frames leave on the
+  physical network. No per-segment bridge or device exists: :meth:`OpenVSwitchDriver.ensure_segment` only
+  checks the label bridge, :meth:`OpenVSwitchDriver.release_segment` removes only records of this segment's
+  ports whose interface has gone (a guest's tap that died with its QEMU).
+* VXLAN ``vxlan://<vni>``: not supported yet (NetworkError). An OVS VXLAN tunnel is point-to-point
+  (``options:remote_ip``; OVS has no multicast flood-and-learn as the kernel's VXLAN device has), so the
+  driver would need the underlay addresses of the other hosts of the network, which a Segment does not
+  carry. Use the Linux bridge backend or VLAN isolation for now.
+
+Ports the driver plugs carry ``external_ids:cumulo-segment=<broadcast URI or "untagged">``, so what the agent
+plugged is told apart from the host's own ports (the uplink, the bridge's internal port).
+
+Datapath. Production hosts run the OVS kernel datapath: their bridges are ``datapath_type=system`` (OVSDB's
+empty default). Machines without the ``openvswitch`` kernel module (as the test machines) can only use the
+userspace datapath, ``netdev``. The driver does not create bridges (the label bridges belong to the host's
+configuration), but :meth:`OpenVSwitchDriver.ensure_segment` checks the label bridge's datapath against what
+the host can do, with a clear error when it cannot work: ``Open_vSwitch.datapath_types`` says what the
+``ovs-vswitchd`` binary supports (it lists ``system`` even where the kernel has no module), and the kernel has
+the datapath when its generic netlink family ``ovs_datapath`` exists. :func:`choose_datapath_type` is the rule
+for whoever makes a host's bridges: ``system`` where the kernel has it, else ``netdev``. With ``netdev``,
+namespace-side veths plugged into the bridge need TX checksum offload off (``ethtool -K <dev> tx off``) or
+their TCP/UDP leaves with unfilled checksums; the side that makes such a veth (a router, a netns guest) does
+that.
+
+``netns``: interfaces (ports) are looked up and brought up in the host's network namespace; the database is
+reached at ``ovsdb`` (``unix:<socket>`` or ``tcp:<ip>:<port>``) wherever it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import typing as t
+
+from controllers.api.v1alpha1.network import Segment, parse_broadcast_uri
+
+from . import NetworkError
+
+DEFAULT_OVSDB = "unix:/run/openvswitch/db.sock"
+SEGMENT_KEY = "cumulo-segment"   # Port external_ids key marking the ports this driver plugged
+UNTAGGED = "untagged"
+NETNS_DIR = "/run/netns"
+IFNAMSIZ = 15
+DEFAULT_TIMEOUT = 10.0           # seconds for one OVSDB transaction, including ovs-vswitchd applying it
+
+
+def segment_tag(segment: Segment) -> int | None:
+    """The VLAN tag of a segment's ports on the label bridge (None: untagged). NetworkError for a segment
+    this driver cannot make."""
+    if segment.vswitch != "openvswitch":
+        raise NetworkError(f"segment is for vswitch {segment.vswitch!r}, but this host runs the Open vSwitch driver")
+    try:
+        isolation, vnet = parse_broadcast_uri(segment.broadcast_uri)
+    except ValueError as error:
+        raise NetworkError(str(error)) from None
+    label = segment.traffic_label
+    if not label or len(label) > IFNAMSIZ:
+        raise NetworkError(f"traffic label {label!r} is not a valid bridge name (1 to {IFNAMSIZ} characters)")
+    if segment.bridge != label:
+        raise NetworkError(f"on Open vSwitch a segment's ports plug into the label bridge {label!r}, "
+                           f"not {segment.bridge!r}")
+    if isolation == "VXLAN":
+        raise NetworkError(
+            f"VXLAN on the openvswitch backend is not supported yet: segment {segment.broadcast_uri} would need "
+            "point-to-point tunnels to every other host of the network (OVS has no multicast VXLAN), and the "
+            "segment carries no peer addresses; use VLAN isolation or the linuxbridge backend")
+    if isolation == "VLAN":
+        assert vnet is not None
+        if not 1 <= vnet <= 4094:
+            raise NetworkError(f"VLAN {vnet} is out of range (1-4094)")
+        return vnet
+    return None
+
+
+def segment_id(segment: Segment) -> str:
+    return segment.broadcast_uri or UNTAGGED
+
+
+def choose_datapath_type(datapath_types: t.Iterable[str], kernel_datapath: bool) -> str:
+    """The datapath for a new bridge: the kernel's (``system``) where it works, else the userspace one."""
+    available = set(datapath_types)
+    if kernel_datapath and "system" in available:
+        return "system"
+    if "netdev" in available:
+        return "netdev"
+    raise NetworkError(f"Open vSwitch offers datapaths {sorted(available)} and the kernel has "
+                       f"{'an' if kernel_datapath else 'no'} Open vSwitch module: no usable datapath")
+
+
+def datapath_problem(bridge: str, datapath_type: str, datapath_types: t.Iterable[str],
+                     kernel_datapath: bool) -> str | None:
+    """Why bridge ``bridge`` with ``datapath_type`` cannot carry traffic on this host, or None."""
+    datapath = datapath_type or "system"  # OVSDB's empty value means the kernel datapath
+    if datapath not in set(datapath_types):
+        return f"bridge {bridge!r} uses datapath {datapath!r}, which this ovs-vswitchd does not offer"
+    if datapath == "system" and not kernel_datapath:
+        return (f"bridge {bridge!r} uses the kernel datapath (system), but this kernel has no Open vSwitch "
+                "module (no ovs_datapath generic netlink family); make it datapath_type=netdev")
+    return None
+
+
+def kernel_has_datapath() -> bool:
+    """Whether the kernel has the OVS datapath: its generic netlink family exists (the lookup itself may
+    autoload the module). Families are global, not per network namespace."""
+    from pyroute2.netlink.exceptions import NetlinkError
+    from pyroute2.netlink.generic import GenericNetlinkSocket
+
+    genl = GenericNetlinkSocket()
+    try:
+        genl.discovery("ovs_datapath")
+    except NetlinkError:
+        return False
+    finally:
+        genl.close()
+    return True
+
+
+def _optional(value: t.Any) -> t.Any:
+    """An optional OVSDB column's value as ovsdbapp's finds give it ([] when empty), or None."""
+    return None if value == [] else value
+
+
+def _as_list(value: t.Any) -> list[t.Any]:
+    # ovsdbapp gives a set column holding one value as that value
+    return value if isinstance(value, list) else [value]
+
+
+def _in_datapath(interface: dict[str, t.Any]) -> bool:
+    """Whether ovs-vswitchd opened the interface (it has an OpenFlow port number, -1 meaning it failed)."""
+    ofport = _optional(interface["ofport"])
+    return ofport is not None and ofport != -1
+
+
+class OpenVSwitchDriver:
+    def __init__(self, netns: str | None = None, ovsdb: str = DEFAULT_OVSDB,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.netns = netns
+        self.ovsdb = ovsdb
+        self.timeout = timeout
+        self._api: t.Any = None
+        self._connection: t.Any = None
+        self._connect_lock = threading.Lock()
+        self._kernel_datapath: bool | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- OVSDB and netlink plumbing (worker threads) -------------------------------------------
+
+    def _ovs(self) -> t.Any:
+        """The ovsdbapp API, connected on first use (and again after a failed attempt)."""
+        with self._connect_lock:
+            if self._api is not None:
+                return self._api
+            from ovsdbapp.backend.ovs_idl import connection
+            from ovsdbapp.schema.open_vswitch import impl_idl
+
+            try:
+                idl = connection.OvsdbIdl.from_server(self.ovsdb, "Open_vSwitch")
+                conn = connection.Connection(idl=idl, timeout=self.timeout)
+                api = impl_idl.OvsdbIdl(conn)  # starts the connection's thread
+            except Exception as error:  # ovsdbapp raises bare Exception for an unreachable server
+                raise NetworkError(f"cannot reach the Open vSwitch database at {self.ovsdb}: {error}") from None
+            self._connection, self._api = conn, api
+            return api
+
+    def _execute(self, what: str, *commands: t.Any) -> list[t.Any]:
+        from ovsdbapp import exceptions
+
+        api = self._ovs()
+        try:
+            with api.transaction(check_error=True) as txn:
+                for command in commands:
+                    txn.add(command)
+            return [command.result for command in commands]
+        except NetworkError:
+            raise
+        except exceptions.TimeoutException:
+            raise NetworkError(f"{what}: Open vSwitch did not answer within {self.timeout:g}s") from None
+        except Exception as error:  # ovsdbapp's RuntimeError, row lookups (RowNotFound), ...
+            raise NetworkError(f"{what}: {error}") from None
+
+    def _rows(self, table: str, *conditions: t.Any) -> list[dict[str, t.Any]]:
+        api = self._ovs()
+        [rows] = self._execute(f"cannot read {table}", api.db_find(table, *conditions))
+        return t.cast(list[dict[str, t.Any]], rows)
+
+    def _ipr(self) -> t.Any:
+        from pyroute2 import IPRoute
+
+        if self.netns is None:
+            return IPRoute()
+        # pyroute2 would create a missing namespace; a host namespace that is gone is an error instead.
+        if not os.path.exists(os.path.join(NETNS_DIR, self.netns)):
+            raise NetworkError(f"host network namespace {self.netns!r} does not exist")
+        return IPRoute(netns=self.netns, flags=0)
+
+    def _netlink(self, what: str, function: t.Callable[[t.Any], t.Any]) -> t.Any:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            with self._ipr() as ipr:
+                return function(ipr)
+        except NetlinkError as error:
+            raise NetworkError(f"{what}: {os.strerror(error.code) if error.code else error}") from None
+        except OSError as error:
+            raise NetworkError(f"{what}: {error}") from None
+
+    def _link_up(self, port: str) -> None:
+        """Check ``port`` exists in the host's namespace and bring it up. NetworkError if it does not exist."""
+        def up(ipr: t.Any) -> None:
+            indexes = ipr.link_lookup(ifname=port)
+            if not indexes:
+                raise NetworkError(f"port {port!r} does not exist")
+            ipr.link("set", index=indexes[0], state="up")
+
+        self._netlink(f"cannot bring {port!r} up", up)
+
+    def _existing_links(self) -> set[str]:
+        return {link.get("IFLA_IFNAME") for link in self._netlink("cannot list interfaces",
+                                                                   lambda ipr: list(ipr.get_links()))}
+
+    def _kernel(self) -> bool:
+        if self._kernel_datapath is None:
+            self._kernel_datapath = kernel_has_datapath()
+        return self._kernel_datapath
+
+    async def _run(self, function: t.Callable[[], t.Any], lock: str | None = None) -> t.Any:
+        if lock is None:
+            return await asyncio.to_thread(function)
+        async with self._locks.setdefault(lock, asyncio.Lock()):
+            return await asyncio.to_thread(function)
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def _bridge(self, name: str) -> dict[str, t.Any] | None:
+        rows = self._rows("Bridge", ("name", "=", name))
+        return rows[0] if rows else None
+
+    def _port_bridge(self, port: str) -> str | None:
+        rows = self._rows("Port", ("name", "=", port))
+        if not rows:
+            return None
+        for bridge in self._rows("Bridge"):
+            if rows[0]["_uuid"] in _as_list(bridge["ports"]):
+                return t.cast(str, bridge["name"])
+        return None
+
+    def _interface(self, name: str) -> dict[str, t.Any] | None:
+        rows = self._rows("Interface", ("name", "=", name))
+        return rows[0] if rows else None
+
+    # -- the NetworkDriver interface ----------------------------------------------------------
+
+    async def bridge_exists(self, name: str) -> bool:
+        return bool(await self._run(lambda: self._bridge(name) is not None))
+
+    async def ensure_segment(self, segment: Segment) -> None:
+        segment_tag(segment)
+        await self._run(lambda: self._ensure(segment))
+
+    def _ensure(self, segment: Segment) -> None:
+        label = segment.traffic_label
+        bridge = self._bridge(label)
+        if bridge is None:
+            raise NetworkError(f"traffic label bridge {label!r} is not an Open vSwitch bridge on this host")
+        [switch] = self._rows("Open_vSwitch")
+        problem = datapath_problem(label, bridge["datapath_type"], switch["datapath_types"], self._kernel())
+        if problem:
+            raise NetworkError(problem)
+
+    async def plug(self, segment: Segment, port: str) -> None:
+        tag = segment_tag(segment)
+        await self._run(lambda: self._plug(segment, tag, port), lock=port)
+
+    def _plug(self, segment: Segment, tag: int | None, port: str) -> None:
+        label = segment.traffic_label
+        self._link_up(port)
+        if self._bridge(label) is None:
+            raise NetworkError(f"traffic label bridge {label!r} is not an Open vSwitch bridge on this host")
+        api = self._ovs()
+        what = f"cannot plug {port!r} into {label!r}"
+        commands = []
+        current = self._port_bridge(port)
+        if current is not None and current != label:
+            commands.append(api.del_port(port, bridge=current, if_exists=True))
+        if current != label:
+            commands.append(api.add_port(label, port, may_exist=False))
+        if tag is None:
+            commands.append(api.db_clear("Port", port, "tag"))
+        else:
+            commands.append(api.db_set("Port", port, ("tag", tag)))
+        commands.append(api.db_set("Port", port, ("external_ids", {SEGMENT_KEY: segment_id(segment)})))
+        commands.append(api.db_set("Interface", port, ("mtu_request", segment.mtu)))
+        self._execute(what, *commands)
+        interface = self._interface(port)
+        if interface is None:
+            raise NetworkError(f"{what}: the port vanished")
+        if not _in_datapath(interface):
+            raise NetworkError(f"{what}: Open vSwitch cannot use the interface: "
+                               f"{_optional(interface['error']) or 'no OpenFlow port assigned'}")
+
+    async def unplug(self, segment: Segment, port: str) -> None:
+        segment_tag(segment)
+        await self._run(lambda: self._unplug(segment, port), lock=port)
+
+    def _unplug(self, segment: Segment, port: str) -> None:
+        label = segment.traffic_label
+        if self._port_bridge(port) != label:
+            return  # gone already, or moved to another bridge by someone else
+        api = self._ovs()
+        self._execute(f"cannot unplug {port!r} from {label!r}", api.del_port(port, bridge=label, if_exists=True))
+
+    async def release_segment(self, segment: Segment) -> None:
+        segment_tag(segment)
+        await self._run(lambda: self._release(segment))
+
+    def _release(self, segment: Segment) -> None:
+        """Tagged ports live on the label bridge: nothing of the segment's own to remove. Records of its ports
+        whose interface is gone from the host (a guest's tap that died with QEMU) would linger in OVSDB: drop
+        those."""
+        api = self._ovs()
+        ports = self._rows("Port", ("external_ids", "=", {SEGMENT_KEY: segment_id(segment)}))
+        existing = self._existing_links() if ports else set()
+        stale = [port["name"] for port in ports if port["name"] not in existing]
+        if stale:
+            self._execute(f"cannot release segment {segment_id(segment)}",
+                          *(api.del_port(name, if_exists=True) for name in stale))
+
+    async def ports(self, segment: Segment) -> list[str]:
+        """Ports this driver plugged into the segment (by their ``cumulo-segment`` mark and tag)."""
+        tag = segment_tag(segment)
+
+        def query() -> list[str]:
+            if self._bridge(segment.traffic_label) is None:
+                return []
+            rows = self._rows("Port", ("external_ids", "=", {SEGMENT_KEY: segment_id(segment)}))
+            return sorted(row["name"] for row in rows if _optional(row["tag"]) == tag
+                          and self._port_bridge(row["name"]) == segment.traffic_label)
+
+        return t.cast(list[str], await self._run(query))
+
+    async def close(self) -> None:
+        connection, self._connection, self._api = self._connection, None, None
+        if connection is not None:
+            await asyncio.to_thread(connection.stop)
