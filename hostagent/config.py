@@ -79,6 +79,8 @@ class AgentConfig:
     host_netns: str | None = None
     """Simulated hosts: the network namespace standing in for the host's network stack (bridges, taps,
     routers' veths are made in it). None: the agent's own, as on a real hypervisor."""
+    ovsdb: str = "unix:/run/openvswitch/db.sock"
+    """The openvswitch network driver: the host's Open vSwitch database (unix:<socket> or tcp:<ip>:<port>)."""
     storage_driver: str = "filesystem"  # filesystem | simulator
     simulated: SimulatedCapacity = dataclasses.field(default_factory=SimulatedCapacity)
     sim_storage_bytes: int = 10 * 1024**4

@@ -43,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
                    help="default: linuxbridge for libvirt, simulator for the simulator")
     p.add_argument("--host-netns", metavar="NAME",
                    help="simulated hosts: the network namespace standing in for the host's network stack")
+    p.add_argument("--ovsdb", default="unix:/run/openvswitch/db.sock",
+                   help="openvswitch network driver: the host's OVSDB (unix:<socket> or tcp:<ip>:<port>)")
     p.add_argument("--storage-driver", choices=["filesystem", "simulator"],
                    help="default: filesystem for libvirt, simulator for the simulator")
     p.add_argument("--simulate", type=int, metavar="N", help="run N simulated hosts <host>-0 … <host>-(N-1)")
@@ -105,6 +107,7 @@ def build_config(options: argparse.Namespace, environ: t.Mapping[str, str]) -> A
         virt_type=options.virt_type,
         network_driver=options.network_driver or ("simulator" if simulator else "linuxbridge"),
         host_netns=options.host_netns,
+        ovsdb=options.ovsdb,
         storage_driver=options.storage_driver or ("simulator" if simulator else "filesystem"),
         simulated=SimulatedCapacity(cpus=options.sim_cpus, memory_mib=options.sim_memory_mib,
                                     cpu_speed_mhz=options.sim_cpu_speed_mhz),
@@ -141,6 +144,9 @@ def build_workers(agent: Agent) -> list[HostWorker]:
     if config.network_driver == "linuxbridge":
         from .drivers.network.linuxbridge import LinuxBridgeDriver  # pyroute2 only where it is used
         network = LinuxBridgeDriver(netns=config.host_netns)
+    elif config.network_driver == "openvswitch":
+        from .drivers.network.openvswitch import OpenVSwitchDriver  # ovsdbapp only where it is used
+        network = OpenVSwitchDriver(netns=config.host_netns, ovsdb=config.ovsdb)
     else:
         network = SimulatorNetworkDriver()
     shared_storage: StorageDriver | None = None
