@@ -177,7 +177,8 @@ class PrivateOpenVSwitch:
         if not self._running("ovsdb-server"):
             self.db_socket.unlink(missing_ok=True)
             self._spawn("ovsdb-server", [
-                "ip", "netns", "exec", self.netns, "ovsdb-server", str(self.db_file), f"--remote=punix:{self.db_socket}",
+                "ip", "netns", "exec", self.netns, "ovsdb-server", str(self.db_file),
+                f"--remote=punix:{self.db_socket}",
                 f"--pidfile={self.pidfile('ovsdb-server')}", f"--log-file={self.log_file('ovsdb-server')}",
             ], detach)
             self._wait(deadline, "ovsdb-server", self._db_answers)
