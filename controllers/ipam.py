@@ -117,11 +117,11 @@ class Pool:
         return None
 
 
-def _ip(value: int) -> str:
+def ip_str(value: int) -> str:
     return str(ipaddress.IPv4Address(value))
 
 
-def _int(address: str) -> int:
+def ip_int(address: str) -> int:
     return int(ipaddress.IPv4Address(address))
 
 
@@ -139,9 +139,9 @@ class Subnet:
         first, last = int(network.network_address) + 1, int(network.broadcast_address) - 1
         if network.prefixlen >= 31:
             first, last = int(network.network_address), int(network.broadcast_address)
-        start = max(first, _int(self.start_ip)) if self.start_ip else first
-        end = min(last, _int(self.end_ip)) if self.end_ip else last
-        reserved = {_int(self.gateway)} if self.gateway else set()
+        start = max(first, ip_int(self.start_ip)) if self.start_ip else first
+        end = min(last, ip_int(self.end_ip)) if self.end_ip else last
+        reserved = {ip_int(self.gateway)} if self.gateway else set()
         return AddressPool(self, [(start, end)], reserved)
 
 
@@ -149,28 +149,28 @@ class AddressPool(Pool):
     """A :class:`Pool` of IPv4 addresses, spoken in dotted quads."""
 
     def __init__(self, subnet: Subnet, ranges: Iterable[tuple[int, int]], reserved: Iterable[int]) -> None:
-        super().__init__(ranges, reserved, describe=_ip)
+        super().__init__(ranges, reserved, describe=ip_str)
         self.subnet = subnet
         self.network = ipaddress.IPv4Network(subnet.cidr)
 
     def address(self, owner: str) -> str | None:
         value = self.get(owner)
-        return _ip(value) if value is not None else None
+        return ip_str(value) if value is not None else None
 
     def allocate_address(self, owner: str, wanted: str | None = None) -> str:
         if wanted is not None and ipaddress.IPv4Address(wanted) not in self.network:
             raise AllocationError("OutOfRange", f"{wanted} is not in {self.subnet.cidr}")
-        return _ip(self.allocate(owner, _int(wanted) if wanted else None))
+        return ip_str(self.allocate(owner, ip_int(wanted) if wanted else None))
 
     def record_address(self, owner: str, address: str) -> str | None:
-        return self.record(owner, _int(address))
+        return self.record(owner, ip_int(address))
 
 
 def public_pool(ranges: Iterable[tuple[str, str, str]]) -> Pool:
     """The public addresses of a physical network: ``(startIp, endIp, gateway)`` ranges, gateways reserved."""
     ranges = list(ranges)
-    return Pool([(_int(start), _int(end)) for start, end, _ in ranges], [_int(gw) for _, _, gw in ranges],
-                describe=_ip)
+    return Pool([(ip_int(start), ip_int(end)) for start, end, _ in ranges], [ip_int(gw) for _, _, gw in ranges],
+                describe=ip_str)
 
 
 def mac_address(seed: str, attempt: int = 0) -> str:
@@ -182,4 +182,4 @@ def mac_address(seed: str, attempt: int = 0) -> str:
 
 def first_host(cidr: str) -> str:
     """The conventional gateway of a CIDR: its first host address."""
-    return _ip(int(ipaddress.IPv4Network(cidr).network_address) + 1)
+    return ip_str(int(ipaddress.IPv4Network(cidr).network_address) + 1)

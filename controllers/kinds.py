@@ -24,9 +24,14 @@ SNAPSHOTS = cumulo_kind(api.Snapshot)
 NETWORKS = cumulo_kind(api.Network)
 PUBLICIPADDRESSES = cumulo_kind(api.PublicIPAddress)
 AFFINITYGROUPS = cumulo_kind(api.AffinityGroup)
+VIRTUALROUTERS = cumulo_kind(api.VirtualRouter)
+FIREWALLRULES = cumulo_kind(api.FirewallRule)
+PORTFORWARDINGRULES = cumulo_kind(api.PortForwardingRule)
+LOADBALANCERRULES = cumulo_kind(api.LoadBalancerRule)
+SECURITYGROUPS = cumulo_kind(api.SecurityGroup)
 LEASES = Kind("leases", "coordination.k8s.io", "v1", True, lambda raw: Lease.parse(raw, HOST_LABEL), "Lease",
               selector=HEARTBEAT_LABEL)
 
 ALL = (ZONES, HOSTPODS, CLUSTERS, HOSTS, STORAGEPOOLS, IMAGESTORES, PHYSICALNETWORKS, SERVICEOFFERINGS,
        DISKOFFERINGS, NETWORKOFFERINGS, TEMPLATES, VIRTUALMACHINES, VOLUMES, SNAPSHOTS, NETWORKS, PUBLICIPADDRESSES,
-       AFFINITYGROUPS, LEASES)
+       AFFINITYGROUPS, VIRTUALROUTERS, FIREWALLRULES, PORTFORWARDINGRULES, LOADBALANCERRULES, SECURITYGROUPS, LEASES)

@@ -9,7 +9,15 @@ from controllers.reconcilers.offerings import (
     NetworkOfferingReconciler,
     ServiceOfferingReconciler,
 )
+from controllers.reconcilers.network import NetworkReconciler
 from controllers.reconcilers.physicalnetwork import PhysicalNetworkReconciler
+from controllers.reconcilers.publicip import PublicIPAddressReconciler
+from controllers.reconcilers.rules import (
+    FirewallRuleReconciler,
+    LoadBalancerRuleReconciler,
+    PortForwardingRuleReconciler,
+    SecurityGroupReconciler,
+)
 from controllers.reconcilers.storagepool import StoragePoolReconciler
 from controllers.reconcilers.template import TemplateReconciler
 from controllers.reconcilers.virtualmachine import VirtualMachineReconciler
@@ -22,4 +30,6 @@ INFRASTRUCTURE = (
     NetworkOfferingReconciler,
 )
 COMPUTE = (TemplateReconciler, VolumeReconciler, VirtualMachineReconciler)
-ALL = INFRASTRUCTURE + COMPUTE
+NETWORKING = (NetworkReconciler, PublicIPAddressReconciler, FirewallRuleReconciler, PortForwardingRuleReconciler,
+              LoadBalancerRuleReconciler, SecurityGroupReconciler)
+ALL = INFRASTRUCTURE + NETWORKING + COMPUTE

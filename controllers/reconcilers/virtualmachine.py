@@ -14,17 +14,22 @@ import dataclasses
 import datetime
 import typing as t
 
-from controllers import inventory, kinds, planner
+from controllers import inventory, ipam, kinds, planner
 from controllers.api.v1alpha1 import VirtualMachine
 from controllers.api.v1alpha1.common import API_VERSION, AllocationState
 from controllers.api.v1alpha1.host import HOST_LABEL, HostState
 from controllers.api.v1alpha1.storagepool import PoolScope, PoolState
 from controllers.api.v1alpha1.template import ImageFormat, TemplateState
+from controllers.api.v1alpha1.network import NetworkPhase, TrafficRule
+from controllers.api.v1alpha1.networkoffering import GuestIpType, NetworkService
 from controllers.api.v1alpha1.virtualmachine import (
     DesiredState,
     LaunchDisk,
+    LaunchNic,
     LaunchSpec,
+    NicStatus,
     Placement,
+    SecurityGroupPolicy,
     VirtualMachineStatus,
     VmPhase,
 )
@@ -32,10 +37,13 @@ from controllers.api.v1alpha1.volume import VolumeType
 from controllers.api.v1alpha1.zone import AllocationAlgorithm
 from controllers.conditions import Check, find, first_failure
 from controllers.reconcilers.base import InventoryReconciler
+from controllers.reconcilers.network import guest_segment, network_key, nic_networks, nic_owner, offers, traffic_rule
 from controllers.runtime import Result, deleting, utcnow
 
 GIB = 1024**3
 SCHEDULED, STORAGE_READY, NETWORK_READY = "Scheduled", "StorageReady", "NetworkReady"
+NIC_REASONS = frozenset({"NetworkNotFound", "NetworkNotReady", "NetworkNotVisible", "NetworkInOtherZone",
+                         "InsufficientAddressCapacity", "IpAddressInUse", "IpAddressOutOfRange", "IpAddressReserved"})
 
 
 def vm_key(vm: VirtualMachine) -> str:
@@ -66,6 +74,9 @@ class VirtualMachineReconciler(InventoryReconciler):
         self.index("volumes", "vm", lambda v: [f"{v.metadata.namespace}/{v.spec.virtual_machine.name}"]
                    if v.spec.virtual_machine else [])
         self.index("hosts", ".status.zone", lambda host: [host.status.zone] if host.status.zone else [])
+        self.index("virtualmachines", "nic-network", nic_networks)
+        self.index("virtualmachines", "security-group", lambda vm: [network_key(vm.metadata.namespace, g)
+                                                                     for g in vm.spec.security_groups])
         self._waiting_for_capacity: set[tuple[str, str]] = set()
         self._inventory_cache: tuple[tuple, planner.Inventory] | None = None
 
@@ -91,10 +102,12 @@ class VirtualMachineReconciler(InventoryReconciler):
             "templates": lambda tmpl: vms("template", f"{tmpl.metadata.namespace}/{tmpl.metadata.name}"),
             "hosts": unscheduled,
             "storagepools": unscheduled,
+            "networks": lambda n: vms("nic-network", network_key(n.metadata.namespace, n.metadata.name)),
+            "securitygroups": lambda g: self._security_group_users(g),
             "virtualmachines": lambda vm: [k for g in vm.spec.affinity_groups
                                            for k in vms("affinity", f"{vm.metadata.namespace}/{g}")
                                            if k[2] != vm.metadata.name and (vm.metadata.namespace, k[2])
-                                           in self._waiting_for_capacity],
+                                           in self._waiting_for_capacity] + self._peers(vm),
         }
 
     def forget(self, key) -> None:
@@ -243,8 +256,9 @@ class VirtualMachineReconciler(InventoryReconciler):
         wanted = DesiredState.RUNNING if vm.spec.state == DesiredState.RUNNING and not ctx.deleting \
             else DesiredState.STOPPED
         checks: dict[str, Check | None] = {}
+        nics = self._allocate_nics(vm, status) if not ctx.deleting else Check.passed()
 
-        if wanted == DesiredState.STOPPED or (not references.ok and not running):
+        if wanted == DesiredState.STOPPED or (not first_failure(references, nics).ok and not running):
             if status.launch is not None and not domain_stopped(vm):
                 status.launch = status.launch.model_copy(update={"power_state": DesiredState.STOPPED})
                 phase = VmPhase.STOPPING
@@ -258,10 +272,14 @@ class VirtualMachineReconciler(InventoryReconciler):
             else:
                 status.destroyed_at = None
             ready = references if not references.ok else Check.failed(phase.value, f"the guest is {phase.value}")
+            if wanted == DesiredState.RUNNING and not nics.ok:
+                ready = references if not references.ok else nics
             checks[SCHEDULED] = None
+            checks[NETWORK_READY] = nics if vm.spec.nics and not nics.ok else None
         else:
             status.destroyed_at = None
-            ready, phase = self._derive_running(vm, status, offering, template, zone, root, data, checks, references)
+            ready, phase = self._derive_running(vm, status, offering, template, zone, root, data, checks,
+                                                first_failure(references, nics))
         if ctx.deleting:
             phase = VmPhase.EXPUNGING
         status.phase = phase.value
@@ -280,6 +298,7 @@ class VirtualMachineReconciler(InventoryReconciler):
     def _derive_running(self, vm, status, offering, template, zone, root, data, checks, references):
         if not references.ok:  # the domain runs, but something it references went away
             checks[SCHEDULED] = None
+            checks[NETWORK_READY] = references if references.reason in NIC_REASONS else None
             return references, VmPhase.RUNNING
         if status.placement is None or status.placement.host is None:
             decision = self._place(vm, offering, template, zone, root)
@@ -303,11 +322,11 @@ class VirtualMachineReconciler(InventoryReconciler):
         # A running guest only needs its root disk; a data disk being created or grown does not stop it.
         storage = self._storage_check(root, [] if running_here else data, status.placement.host)
         checks[STORAGE_READY] = storage
-        network = self._network_check(vm)
+        network = self._network_check(vm, status)
         checks[NETWORK_READY] = network
         if not storage.ok or not network.ok:
             return first_failure(storage, network), VmPhase.STARTING
-        status.launch = self._launch(vm, offering, template, root, data, status.placement.host)
+        status.launch = self._launch(vm, offering, template, root, data, status.placement.host, status)
         if running_here:
             return Check.passed("Running", f"running on host {status.placement.host}"), VmPhase.RUNNING
         if node is not None and node.message:
@@ -328,13 +347,157 @@ class VirtualMachineReconciler(InventoryReconciler):
             return Check.failed("RootDiskElsewhere", f"the root disk is on host {root.status.host}")
         return Check.passed("VolumesReady")
 
-    def _network_check(self, vm: VirtualMachine) -> Check:
-        if vm.spec.nics:
-            return Check.failed("NetworkNotSupported",
-                                "guest NICs need network implementation, which this controller does not have yet")
-        return Check.passed("NoNics")
+    # -- NICs ---------------------------------------------------------------------------------------
 
-    def _launch(self, vm, offering, template, root, data, host: str) -> LaunchSpec:
+    @property
+    def networks(self) -> t.Any:
+        return self.runtime.reconcilers["networks"]
+
+    def _nic_network(self, vm: VirtualMachine, nic) -> tuple[t.Any, t.Any, Check]:
+        namespace = nic.network.namespace or vm.metadata.namespace
+        key = network_key(namespace, nic.network.name)
+        network = self.store.get("networks", nic.network.name, namespace)
+        if network is None or network.metadata.deletion_timestamp is not None:
+            return None, None, Check.failed("NetworkNotFound", f"Network {key} does not exist")
+        offering = self.store.get("networkofferings", network.spec.network_offering)
+        if offering is None:
+            return None, None, Check.failed("NetworkNotReady", f"Network {key}: NetworkOffering "
+                                                               f"{network.spec.network_offering} does not exist")
+        if namespace != vm.metadata.namespace:
+            shared = network.spec.shared_with
+            if offering.spec.guest_ip_type != GuestIpType.SHARED or shared is None or not (
+                    shared.all_namespaces or vm.metadata.namespace in shared.namespaces):
+                return None, None, Check.failed("NetworkNotVisible", f"Network {key} is not shared with namespace "
+                                                                     f"{vm.metadata.namespace}")
+        if network.spec.zone != vm.spec.zone:
+            return None, None, Check.failed("NetworkInOtherZone", f"Network {key} is in zone {network.spec.zone}")
+        return network, offering, Check.passed()
+
+    def _allocate_nics(self, vm: VirtualMachine, status: VirtualMachineStatus) -> Check:
+        """Give each NIC its MAC and (except on L2 networks) its address, kept in ``status.nics`` for the
+        guest's life; NICs taken out of the spec give theirs back."""
+        owner = nic_owner(vm)
+        previous = {nic.network: nic for nic in status.nics}
+        wanted = nic_networks(vm)
+        for key, nic in previous.items():
+            if key not in wanted:
+                network = self.store.get("networks", *reversed(key.split("/", 1)))
+                pool = self.networks.addresses.get(key) if network is None else self.networks.address_pool(network)
+                if pool is not None and pool.address(owner) == nic.ip_address:
+                    pool.release(owner)
+        nics, failure = [], None
+        for index, request in enumerate(vm.spec.nics):
+            key = wanted[index]
+            network, offering, found = self._nic_network(vm, request)
+            old = previous.get(key)
+            if not found.ok:
+                failure = failure or found
+                if old is not None:
+                    nics.append(old)
+                continue
+            mac = request.mac_address or (old.mac_address if old else None) or ipam.mac_address(
+                f"{vm.metadata.uid}/{network.metadata.uid}")
+            address = None
+            pool = self.networks.address_pool(network)
+            if pool is not None:
+                try:
+                    address = pool.allocate_address(owner, request.ip_address)
+                except ipam.AllocationError as error:
+                    reason = {"Exhausted": "InsufficientAddressCapacity"}.get(error.reason, f"IpAddress{error.reason}")
+                    failure = failure or Check.failed(reason, f"no address on network {key}: {error.message}")
+                    address = old.ip_address if old and pool.address(owner) == old.ip_address else None
+            nics.append(NicStatus(network=key, device_id=index, mac_address=mac, ip_address=address))
+        status.nics = nics
+        return failure or Check.passed()
+
+    def _network_check(self, vm: VirtualMachine, status: VirtualMachineStatus) -> Check:
+        if not vm.spec.nics:
+            return Check.passed("NoNics")
+        for nic in status.nics:
+            namespace, _, name = nic.network.partition("/")
+            network = self.store.get("networks", name, namespace)
+            if network is None:
+                return Check.failed("NetworkNotFound", f"Network {nic.network} does not exist")
+            if network.status.phase != NetworkPhase.IMPLEMENTED:
+                implemented = find(network.status.conditions, "Implemented")
+                why = implemented.message if implemented and implemented.reason != "NotNeeded" else "not yet"
+                return Check.failed("NetworkImplementing", f"waiting for network {nic.network} to be implemented: "
+                                                           f"{why}")
+        security = self._security_check(vm)
+        if not security.ok:
+            return security
+        return Check.passed("NetworksImplemented")
+
+    def _security_check(self, vm: VirtualMachine) -> Check:
+        missing = [g for g in vm.spec.security_groups
+                   if self.store.get("securitygroups", g, vm.metadata.namespace) is None]
+        if missing:
+            return Check.failed("SecurityGroupNotFound", f"SecurityGroup {missing[0]} does not exist")
+        return Check.passed()
+
+    def _peers(self, vm: VirtualMachine) -> list:
+        """Guests whose security rules list this guest's addresses (members of its groups, or naming them)."""
+        return [key for name in vm.spec.security_groups
+                if (group := self.store.get("securitygroups", name, vm.metadata.namespace)) is not None
+                for key in self._security_group_users(group) if key[2] != vm.metadata.name]
+
+    def _security_group_users(self, group) -> list:
+        """Guests in the group, and guests whose groups' rules name it (their rules list its members)."""
+        namespace = group.metadata.namespace
+        names = {group.metadata.name} | {g.metadata.name for g in self.store.list("securitygroups")
+                                         if g.metadata.namespace == namespace and any(
+                                             group.metadata.name in r.security_groups
+                                             for r in [*g.spec.ingress, *g.spec.egress])}
+        return [self.key(vm.metadata.name, namespace) for name in sorted(names)
+                for vm in self.store.by("virtualmachines", "security-group", network_key(namespace, name))]
+
+    def _security_policy(self, vm: VirtualMachine) -> SecurityGroupPolicy:
+        """The guest's groups resolved to addresses: rules naming other groups list those groups' members."""
+        namespace = vm.metadata.namespace
+
+        def members(group: str) -> list[str]:
+            return sorted(f"{nic.ip_address}/32" for other in self.store.by("virtualmachines", "security-group",
+                                                                           network_key(namespace, group))
+                          for nic in other.status.nics if nic.ip_address)
+
+        def resolve(rules) -> list[TrafficRule]:
+            resolved = []
+            for rule in rules:
+                cidrs = [*rule.cidrs, *(m for g in rule.security_groups for m in members(g))]
+                if rule.security_groups and not cidrs:
+                    continue  # the named groups have no members yet: the rule allows nobody (not everybody)
+                resolved.append(traffic_rule(rule).model_copy(update={"cidrs": cidrs}))
+            return resolved
+
+        groups = [g for name in vm.spec.security_groups
+                  if (g := self.store.get("securitygroups", name, namespace)) is not None]
+        ingress = resolve(r for g in groups for r in g.spec.ingress)
+        egress_rules = [r for g in groups for r in g.spec.egress]
+        return SecurityGroupPolicy(ingress=ingress, egress=resolve(egress_rules), egress_default_allow=not egress_rules,
+                                   groups=[g.metadata.name for g in groups])
+
+    def _launch_nics(self, vm: VirtualMachine, status: VirtualMachineStatus) -> list[LaunchNic]:
+        default = next((i for i, n in enumerate(vm.spec.nics) if n.default), 0)
+        nics = []
+        for nic in status.nics:
+            namespace, _, name = nic.network.partition("/")
+            network = self.store.get("networks", name, namespace)
+            pnet = self.store.get("physicalnetworks", network.status.physical_network) if network else None
+            offering = self.store.get("networkofferings", network.spec.network_offering) if network else None
+            segment = guest_segment(pnet, network.status.broadcast_uri) if pnet else None
+            if segment is None:
+                continue
+            rate = offering.spec.network_rate_mbps if offering else None
+            nics.append(LaunchNic(
+                network=nic.network, device_id=nic.device_id, mac_address=nic.mac_address, ip_address=nic.ip_address,
+                gateway=network.status.gateway, cidr=network.status.cidr, bridge=segment.bridge,
+                broadcast_uri=segment.broadcast_uri, vswitch=segment.vswitch, traffic_label=segment.traffic_label,
+                mtu=segment.mtu, default=nic.device_id == default, rate_mbps=rate,
+                security_groups=self._security_policy(vm) if offering and offers(
+                    offering, NetworkService.SECURITY_GROUP) else None))
+        return nics
+
+    def _launch(self, vm, offering, template, root, data, host: str, status: VirtualMachineStatus) -> LaunchSpec:
         attached = set(vm.status.node.disks) if vm.status.node else set()
         previous = {d.volume: d.device for d in vm.status.launch.disks} if vm.status.launch else {}
 
@@ -360,7 +523,7 @@ class VirtualMachineReconciler(InventoryReconciler):
         return LaunchSpec(
             host=host, cpu_number=offering.spec.cpu_number, cpu_speed_mhz=offering.spec.cpu_speed_mhz,
             memory_mib=offering.spec.memory_mib, limit_cpu_use=offering.spec.limit_cpu_use,
-            os_type=template.spec.os_type, disks=disks, nics=[],
+            os_type=template.spec.os_type, disks=disks, nics=self._launch_nics(vm, status),
             kernel_path=f"{copy.path}.kernel" if kernel else None,
             initrd_path=f"{copy.path}.initrd" if kernel and kernel.initrd else None,
             kernel_cmdline=kernel.cmdline if kernel else None,
@@ -429,4 +592,8 @@ class VirtualMachineReconciler(InventoryReconciler):
                 await self.runtime.api.delete(kinds.VOLUMES, root.metadata.name, root.metadata.namespace)
             return False
         self.ledger.release(vm_key(vm))
+        for nic in vm.status.nics:
+            pool = self.networks.addresses.get(nic.network)
+            if pool is not None and pool.address(nic_owner(vm)) == nic.ip_address:
+                pool.release(nic_owner(vm))
         return True
