@@ -10,6 +10,9 @@
     └──────────┬───────────┘                └────────────────────────────────────────┘
                └── <p>pubp ── eth0 (203.0.113.1/24) in namespace <prefix>-pub ("the internet")
 
+Namespaces made inside a lab namespace with ``ip netns exec <ns> ip netns add`` vanish (the command runs in a
+private mount namespace): make them with :meth:`NetLab.add_namespace` or from the root namespace.
+
 Each host namespace is what a hypervisor's host network is to the agent (``--host-netns``): loopback up,
 ``ip_forward=1``, ``bridge-nf-call-iptables=1`` (so an ``inet`` nftables table sees bridged guest traffic),
 the traffic-label bridges ``cloudbr0`` (holding the host's underlay address; VXLAN tunnels ride on it) and
@@ -156,6 +159,7 @@ class NetLab:
         self.public_bridge = f"{self.prefix}p"
         self.hosts: dict[str, LabHost] = {}
         self.public: LabHost | None = None
+        self.extra: dict[str, LabHost] = {}
         self._processes: list[subprocess.Popen[t.Any]] = []
         self._next_address = 11
         self._closed = False
@@ -181,9 +185,9 @@ class NetLab:
         return f"{self.prefix}-{name}"
 
     def _new_netns(self, name: str) -> str:
-        if not name.isalnum() or len(name) > 6:
-            raise NetLabError(f"lab host name {name!r}: at most 6 letters/digits")
-        if name in self.hosts or (self.public is not None and self.public.name == name):
+        if not name.isalnum() or len(name) > 8:
+            raise NetLabError(f"lab namespace name {name!r}: at most 8 letters/digits")
+        if name in self.hosts or name in self.extra or (self.public is not None and self.public.name == name):
             raise NetLabError(f"lab host {name!r} exists")
         netns = self.netns_name(name)
         run(["ip", "netns", "add", netns])
@@ -200,7 +204,10 @@ class NetLab:
         run(netns_exec_argv(netns, ["ip", "link", "set", inner_name, "up"]))
 
     def add_host(self, name: str, *, vswitch: str = "linuxbridge") -> LabHost:
-        """A hypervisor host: namespace ``<prefix>-<name>`` with cloudbr0 (underlay address) and cloudbr1."""
+        """A hypervisor host: namespace ``<prefix>-<name>`` with cloudbr0 (underlay address) and cloudbr1.
+        Host names are ≤ 6 characters (root-namespace interface names ``<prefix><name>u``)."""
+        if len(name) > 6:
+            raise NetLabError(f"lab host name {name!r}: at most 6 letters/digits")
         builder = HOST_BUILDERS.get(vswitch)
         if builder is None:
             raise NetLabError(f"no lab host builder for vswitch {vswitch!r} (known: {sorted(HOST_BUILDERS)})")
@@ -226,6 +233,23 @@ class NetLab:
         if probe.returncode != 0:
             run(["modprobe", "br_netfilter"], check=False)
         host.sysctl("net.bridge.bridge-nf-call-iptables", 1)
+
+    def add_namespace(self, name: str, *, host: LabHost | None = None, port: str | None = None,
+                      address: str | None = None, mtu: int = 1500) -> LabHost:
+        """A bare namespace ``<prefix>-<name>`` (a DHCP server, a client, a hand-made guest), removed with the
+        lab. With ``host`` and ``port``: a veth ``port`` in the host's namespace (not plugged anywhere) to
+        ``eth0`` inside, with ``address`` (CIDR form) when given."""
+        netns = self._new_netns(name)
+        namespace = LabHost(self, name, netns, vswitch="none")
+        self.extra[name] = namespace
+        if host is not None and port is not None:
+            host.exec(["ip", "link", "add", port, "mtu", str(mtu), "type", "veth", "peer", "name", "eth0",
+                       "mtu", str(mtu), "netns", netns])
+            host.exec(["ip", "link", "set", port, "up"])
+            namespace.exec(["ip", "link", "set", "eth0", "up"])
+            if address:
+                namespace.exec(["ip", "addr", "add", address, "dev", "eth0"])
+        return namespace
 
     def add_public(self, gateway: str = "203.0.113.1/24", name: str = "pub") -> LabHost:
         """The "internet": a namespace on the public bridge holding the public range's gateway address."""
@@ -265,7 +289,7 @@ class NetLab:
                     os.killpg(process.pid, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(5)
-        hosts = [*self.hosts.values(), *([self.public] if self.public else [])]
+        hosts = [*self.hosts.values(), *self.extra.values(), *([self.public] if self.public else [])]
         for host in hosts:
             for cleanup in reversed(host.cleanups):
                 with contextlib.suppress(Exception):
