@@ -72,7 +72,7 @@ def default_private_ip(apiserver_url: str | None) -> str | None:
 @dataclasses.dataclass
 class AgentConfig:
     hosts: Sequence[str]
-    hypervisor: str = "libvirt"  # libvirt | simulator
+    hypervisor: str = "libvirt"  # libvirt | simulator | netns
     libvirt_uri: str = "qemu:///system"
     virt_type: str = "qemu"
     network_driver: str = "linuxbridge"  # linuxbridge | openvswitch | simulator

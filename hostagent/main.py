@@ -35,7 +35,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="Host object name (default: $CUMULO_HOST, $NODE_NAME, the machine's host name)")
     p.add_argument("--node-name", default=os.environ.get("NODE_NAME"),
                    help="Kubernetes Node the agent runs on, read for the cumulo.io/cluster label (default: $NODE_NAME)")
-    p.add_argument("--hypervisor", choices=["libvirt", "simulator"], default="libvirt")
+    p.add_argument("--hypervisor", choices=["libvirt", "simulator", "netns"], default="libvirt",
+                   help="netns: guests are network namespaces with real NICs (network tests)")
     p.add_argument("--libvirt-uri", default="qemu:///system")
     p.add_argument("--virt-type", choices=["qemu", "kvm"], default="qemu",
                    help="libvirt domain type; qemu (TCG) unless the host really runs KVM guests")
@@ -108,7 +109,8 @@ def build_config(options: argparse.Namespace, environ: t.Mapping[str, str]) -> A
         network_driver=options.network_driver or ("simulator" if simulator else "linuxbridge"),
         host_netns=options.host_netns,
         ovsdb=options.ovsdb,
-        storage_driver=options.storage_driver or ("simulator" if simulator else "filesystem"),
+        storage_driver=options.storage_driver or (
+            "simulator" if simulator or options.hypervisor == "netns" else "filesystem"),
         simulated=SimulatedCapacity(cpus=options.sim_cpus, memory_mib=options.sim_memory_mib,
                                     cpu_speed_mhz=options.sim_cpu_speed_mhz),
         sim_storage_bytes=options.sim_storage_gib * 1024**3,
@@ -165,6 +167,11 @@ def build_workers(agent: Agent) -> list[HostWorker]:
             hypervisor = SimulatorDriver(config.simulated, faults, version=agent.version,
                                          call_timeout=config.call_timeout, start_seconds=config.sim_start_seconds,
                                          stop_seconds=config.sim_stop_seconds, disk_sizes=disk_sizes)
+        elif config.hypervisor == "netns":
+            from .drivers.hypervisor.netns import NetnsDriver
+            hypervisor = NetnsDriver(network, config.state_dir, host_netns=config.host_netns,
+                                     capacity=config.simulated, version=agent.version,
+                                     call_timeout=config.call_timeout)
         else:
             from .drivers.hypervisor.libvirt import LibvirtDriver  # libvirt-python only where it is used
             hypervisor = LibvirtDriver(config.libvirt_uri, config.virt_type, call_timeout=config.call_timeout)

@@ -12,6 +12,13 @@ Per VirtualMachine (one reconcile at a time per object, level-based, on every ev
   button until its ACPI daemon runs), then a hard stop after ``stop_timeout`` seconds.
 * ``status.node`` is patched only when the report changes.
 
+Networking: before a domain starts, the agent makes every NIC's segment exist on the host (the network driver's
+``ensure_segment``; libvirt plugs taps into the segment bridge itself, the netns driver plugs its veths), and
+re-ensures the segments of a running guest it adopts after a restart (idempotent). Security groups of NICs on
+Linux bridge segments are enforced on the host (:mod:`hostagent.securitygroups`) while the guest runs and
+follow every change of the launch. When a guest stops, its rules go, and segments no running guest of the
+host uses any more are released (the driver keeps a bridge that still has ports, such as a router's).
+
 A sweep (at start, every ``sweep_seconds`` and whenever a VirtualMachine leaves the cache) lists the
 hypervisor's domains: a Cumulo domain of this agent's hosts whose VirtualMachine the cache shows placed
 here is adopted (queued: its reconcile takes over, the domain untouched); any other is destroyed, but only
@@ -39,11 +46,17 @@ import pydantic
 
 from controllers.api.v1alpha1.virtualmachine import LaunchSpec
 
+from controllers.api.v1alpha1.network import Segment
+
 from . import vmspec
 from .configdrive import write_config_drive
 from .drivers.hypervisor import Domain, DomainState, HypervisorDriver, HypervisorError
+from .drivers.network import NetworkError
+from .drivers.network.simulator import SimulatorNetworkDriver
+from .executor import SubprocessExecutor
 from .kube import KubeError
 from .reconciler import ObjectReconciler
+from .securitygroups import SecurityGroupEnforcer, SecurityGroupError, guest_nics
 
 if t.TYPE_CHECKING:
     from .agent import HostWorker
@@ -162,6 +175,9 @@ class VmReconciler(ObjectReconciler):
         self._starts: dict[str, Starts] = {}
         self._detaching: dict[tuple[str, str], float] = {}
         self._adopted: set[str] = set()
+        self._enforced: set[str] = set()  # uids whose security groups this process applied
+        self._segments: dict[str, dict[str, Segment]] = {}  # host -> bridge -> segment ensured by this process
+        self._enforcers: dict[str, SecurityGroupEnforcer] = {}
         self._sweep_wake = asyncio.Event()
         self.swept = asyncio.Event()  # the first sweep is done (tests, readiness)
 
@@ -216,8 +232,10 @@ class VmReconciler(ObjectReconciler):
             else:
                 self._starts.pop(key, None)
                 domain, delay = await self._stop(key, uid, hypervisor, domain)
+                if domain is None:
+                    await self._network_released(worker, uid, launch)
             self.queue.forget(key)
-        except (HypervisorError, StartRefused, OSError) as error:
+        except (HypervisorError, StartRefused, NetworkError, SecurityGroupError, OSError) as error:
             message = str(error)
             self.transition(key, "error", message, logging.WARNING, "domain operation failed", error=message)
             delay = self.queue.backoff(key)
@@ -248,13 +266,92 @@ class VmReconciler(ObjectReconciler):
             wait, message = self._restart_delay(key, uid)
             if wait > 0:
                 return None, wait, message
+            await self._ensure_segments(worker, launch)
             domain = await self._start(key, vm, launch, worker)
+            await self._security_groups(worker, uid, launch)
             return domain, None, ""
         if key not in self._adopted:
+            await self._ensure_segments(worker, launch)  # an agent restart: make sure the plumbing is all there
             self._adopted.add(key)
             if key not in self._starts:
                 log.info("adopted running domain", extra={"object": key, "domain": domain.name, "uuid": uid})
+        await self._security_groups(worker, uid, launch)
         return await self._converge_disks(key, launch, hypervisor, domain)
+
+    # -- networking ------------------------------------------------------------------------------
+
+    async def _ensure_segments(self, worker: HostWorker, launch: LaunchSpec) -> None:
+        ensured = self._segments.setdefault(worker.name, {})
+        for nic in launch.nics:
+            segment = nic.segment()
+            try:
+                await worker.network.ensure_segment(segment)
+            except NetworkError as error:
+                raise NetworkError(f"NIC {nic.device_id} ({nic.network}): {error}") from None
+            ensured[segment.bridge] = segment
+
+    def enforcer(self, worker: HostWorker) -> SecurityGroupEnforcer:
+        enforcer = self._enforcers.get(worker.name)
+        if enforcer is None:
+            enforcer = self._enforcers[worker.name] = SecurityGroupEnforcer(
+                SubprocessExecutor(concurrency=2), self.agent.config.state_dir, self.agent.config.host_netns)
+        return enforcer
+
+    async def _security_groups(self, worker: HostWorker, uid: str, launch: LaunchSpec) -> None:
+        """Enforce the launch's security groups on the host (no-op when they did not change). Open vSwitch
+        segments filter in the switch, not here."""
+        if isinstance(worker.network, SimulatorNetworkDriver):
+            return  # a simulated host: nothing to filter
+        nics = guest_nics(uid, [nic for nic in launch.nics if nic.vswitch == "linuxbridge"], vmspec.nic_port)
+        if nics or uid in self._enforced:
+            changed = await self.enforcer(worker).set_guest(uid, nics)
+            if changed:
+                log.info("security groups applied", extra={"uuid": uid, "host": worker.name, "nics": len(nics)})
+            if nics:
+                self._enforced.add(uid)
+            else:
+                self._enforced.discard(uid)
+
+    async def _network_released(self, worker: HostWorker, uid: str, launch: LaunchSpec | None) -> None:
+        """After a guest is gone: its rules, and the segments no other running guest of the host uses."""
+        if isinstance(worker.network, SimulatorNetworkDriver):
+            return
+        enforcer = self.enforcer(worker)
+        if uid in self._enforced or uid in await enforcer.guests():
+            await enforcer.remove_guest(uid)
+            self._enforced.discard(uid)
+        if launch is not None:
+            ensured = self._segments.setdefault(worker.name, {})
+            for nic in launch.nics:
+                ensured.setdefault(nic.segment().bridge, nic.segment())
+        await self._release_unused(worker, exclude=uid)
+
+    def _wanted_bridges(self, host: str, exclude: str | None = None) -> set[str]:
+        wanted = set()
+        for vm in self.informer.cache.values():
+            if str(vm["metadata"].get("uid")) == exclude:
+                continue
+            try:
+                launch = vmspec.launch_of(vm)
+            except pydantic.ValidationError:
+                continue
+            if launch is not None and launch.host == host and vmspec.wants_running(launch):
+                wanted.update(nic.bridge for nic in launch.nics)
+        return wanted
+
+    async def _release_unused(self, worker: HostWorker, exclude: str | None = None) -> None:
+        ensured = self._segments.get(worker.name, {})
+        wanted = self._wanted_bridges(worker.name, exclude)
+        for bridge, segment in list(ensured.items()):
+            if bridge in wanted:
+                continue
+            try:
+                await worker.network.release_segment(segment)
+            except NetworkError as error:
+                log.warning("cannot release a segment", extra={"host": worker.name, "bridge": bridge,
+                                                               "error": str(error)})
+                continue
+            ensured.pop(bridge, None)
 
     def _restart_delay(self, key: str, uid: str) -> tuple[float, str]:
         """A guest that keeps stopping right after its start is not restarted in a loop: the first time its
@@ -410,6 +507,24 @@ class VmReconciler(ObjectReconciler):
                 self.queue.add(key)
             for domain in plan.suspects:
                 await self._judge(hypervisor, domain)
+        await self._network_sweep()
+
+    async def _network_sweep(self) -> None:
+        """Rules of guests that no longer run (deleted while running, destroyed by the sweep) and segments no
+        running guest uses."""
+        for name, worker in self.agent.workers.items():
+            if isinstance(worker.network, SimulatorNetworkDriver):
+                continue
+            try:
+                live = {domain.uuid for domain in await worker.hypervisor.domains()}
+                enforcer = self.enforcer(worker)
+                for uid in await enforcer.guests() - live:
+                    await enforcer.remove_guest(uid)
+                    self._enforced.discard(uid)
+                    log.info("security groups of a gone guest removed", extra={"uuid": uid, "host": name})
+                await self._release_unused(worker)
+            except (HypervisorError, SecurityGroupError, OSError) as error:
+                log.warning("network sweep failed", extra={"host": name, "error": str(error)})
 
     async def _judge(self, hypervisor: HypervisorDriver, domain: Domain) -> None:
         owner = domain.owner

@@ -14,9 +14,17 @@ import enum
 import typing as t
 from collections.abc import Iterable, Mapping, Sequence
 
-from controllers.api.v1alpha1.virtualmachine import DesiredState, LaunchDisk, LaunchSpec
+from controllers.api.v1alpha1.virtualmachine import DesiredState, LaunchDisk, LaunchNic, LaunchSpec
 
-from .drivers.hypervisor import CPU_PERIOD_US, DiskDevice, Domain, DomainDescription, DomainOwner, DomainState
+from .drivers.hypervisor import (
+    CPU_PERIOD_US,
+    DiskDevice,
+    Domain,
+    DomainDescription,
+    DomainOwner,
+    DomainState,
+    NicDevice,
+)
 
 MIN_SHARES, MAX_SHARES = 2, 262144       # libvirt/cgroup v1 range of <shares>
 MIN_QUOTA_US = 1000                      # libvirt refuses smaller quotas
@@ -59,6 +67,21 @@ def disk_device(disk: LaunchDisk, target: str | None = None) -> DiskDevice:
                       bus="virtio", device="disk", read_only=disk.read_only)
 
 
+def nic_port(uid: str, device_id: int) -> str:
+    """The host-side interface of a guest NIC: ``vn<first 8 hex digits of the uid><device>`` (≤ 12 characters,
+    within Linux's 15; not libvirt's reserved ``vnet``/``vif`` prefixes, whose names libvirt would replace)."""
+    return f"vn{uid.replace('-', '')[:8]}{device_id}"
+
+
+def nic_devices(uid: str, nics: Iterable[LaunchNic]) -> tuple[NicDevice, ...]:
+    """The launch's NICs as devices, in device order; the default NIC is the marked one, else the first."""
+    ordered = sorted(nics, key=lambda nic: nic.device_id)
+    default = next((nic.device_id for nic in ordered if nic.default), ordered[0].device_id if ordered else None)
+    return tuple(NicDevice(mac=nic.mac_address, segment=nic.segment(), device_id=nic.device_id,
+                           port=nic_port(uid, nic.device_id), ip_address=nic.ip_address,
+                           default=nic.device_id == default) for nic in ordered)
+
+
 def describe(vm: Mapping[str, t.Any], launch: LaunchSpec, *, console_log: str | None, config_drive: str | None,
              host_mhz: int | None, started_at: datetime.datetime) -> DomainDescription:
     """The domain ``launch`` asks for. Disks keep launch order (root first) with targets vda, vdb… in that
@@ -72,7 +95,7 @@ def describe(vm: Mapping[str, t.Any], launch: LaunchSpec, *, console_log: str | 
     return DomainDescription(
         uuid=uid, name=domain_name(owner.namespace, owner.name, uid), owner=owner, cpus=launch.cpu_number,
         memory_mib=launch.memory_mib, cpu_shares=cpu_shares(launch), cpu_quota_us=cpu_quota_us(launch, host_mhz),
-        disks=disks, kernel=launch.kernel_path or None, initrd=launch.initrd_path or None,
+        disks=disks, nics=nic_devices(uid, launch.nics), kernel=launch.kernel_path or None, initrd=launch.initrd_path or None,
         cmdline=launch.kernel_cmdline if launch.kernel_path else None, config_drive=config_drive,
         console_log=console_log)
 

@@ -17,6 +17,7 @@ import pytest
 from hostagent.config import AgentConfig
 from hostagent.drivers.hypervisor import DiskDevice, DomainDescription, DomainOwner, HypervisorError
 from hostagent.drivers.hypervisor.simulator import SimulatedCapacity, SimulatorDriver
+from hostagent.drivers.network.simulator import SimulatorNetworkDriver
 from hostagent.drivers.storage import BaseImageRef
 from hostagent.drivers.storage.filesystem import FilesystemStorageDriver
 from hostagent.drivers.storage.simulator import SimulatorStorageDriver
@@ -64,7 +65,7 @@ def make_agent(tmp_path: Path, *, storage: t.Any = None, hosts: Sequence[str] = 
         hypervisor = SimulatorDriver(SimulatedCapacity(), faults, version="1", call_timeout=1,
                                      stop_seconds=stop_seconds, disk_sizes=sizes)
         workers[host] = types.SimpleNamespace(
-            name=host, hypervisor=hypervisor, facts=None,
+            name=host, hypervisor=hypervisor, facts=None, network=SimulatorNetworkDriver(),
             storage=storage or SimulatorStorageDriver(faults, capacity_bytes=1 << 40, disk_sizes=sizes))
     return types.SimpleNamespace(config=config, api=FakeApi(), workers=workers, faults=faults, sizes=sizes)
 

@@ -125,3 +125,21 @@ def test_report_without_a_domain_is_shutoff():
 
 def test_domain_names_are_unique_per_object():
     assert vmspec.domain_name("ns", "web", UID) == "ns_web-11111111"
+
+
+def test_nic_devices_from_launch_nics() -> None:
+    from controllers.api.v1alpha1.virtualmachine import LaunchNic
+    from hostagent.vmspec import nic_devices, nic_port
+
+    uid = "0123abcd-4567-89ab-cdef-000000000001"
+    nics = [LaunchNic(network="ns/b", device_id=1, mac_address="02:00:00:00:00:02", bridge="brvx-5001",
+                      broadcast_uri="vxlan://5001", traffic_label="cloudbr0", mtu=1450),
+            LaunchNic(network="ns/a", device_id=0, mac_address="02:00:00:00:00:01", ip_address="10.0.0.1",
+                      bridge="cloudbr0", traffic_label="cloudbr0")]
+    devices = nic_devices(uid, nics)
+    assert [(d.device_id, d.port, d.mac, d.default) for d in devices] == [
+        (0, "vn0123abcd0", "02:00:00:00:00:01", True), (1, "vn0123abcd1", "02:00:00:00:00:02", False)]
+    assert devices[1].segment.broadcast_uri == "vxlan://5001" and devices[1].mtu == 1450
+    assert len(nic_port("f" * 36, 15)) <= 15
+    marked = nic_devices(uid, [nics[0].model_copy(update={"default": True}), nics[1]])
+    assert [d.default for d in marked] == [False, True]

@@ -1,7 +1,8 @@
 """The hypervisor driver interface: what the agent asks of the hypervisor on its host.
 
-Implementations: :mod:`.libvirt` (a real libvirtd, QEMU/KVM or TCG) and :mod:`.simulator`
-(configured capacity, fault injection; CloudStack's Simulator hypervisor). Every method is a
+Implementations: :mod:`.libvirt` (a real libvirtd, QEMU/KVM or TCG), :mod:`.simulator`
+(configured capacity, fault injection; CloudStack's Simulator hypervisor) and :mod:`.netns` (guests are
+network namespaces with real NICs on real segments: fast guests for network tests). Every method is a
 coroutine: the libvirt driver runs its blocking calls in a thread, the simulator sleeps for
 injected latency without blocking the other simulated hosts of the process.
 
@@ -19,6 +20,7 @@ import datetime
 import typing as t
 
 from controllers.api.v1alpha1.common import HypervisorType
+from controllers.api.v1alpha1.network import Segment
 
 
 class HypervisorError(Exception):
@@ -67,6 +69,23 @@ class DiskDevice:
 
 
 @dataclasses.dataclass(frozen=True)
+class NicDevice:
+    """A NIC of a domain: its MAC, the segment it plugs into (ensured by the agent before the domain starts)
+    and ``port``, the host-side interface (libvirt's tap ``<target dev>``, a netns guest's veth end)."""
+
+    mac: str
+    segment: Segment
+    device_id: int              # eth<device_id> in the guest
+    port: str
+    ip_address: str | None = None
+    default: bool = False       # holds the default route
+
+    @property
+    def mtu(self) -> int:
+        return self.segment.mtu
+
+
+@dataclasses.dataclass(frozen=True)
 class DomainOwner:
     """Which VirtualMachine a domain belongs to; kept in the domain itself (libvirt: a metadata element), so a
     restarted agent can adopt its domains without any state of its own."""
@@ -95,6 +114,7 @@ class DomainDescription:
     cpu_shares: int
     cpu_quota_us: int | None = None     # per vCPU and CPU_PERIOD_US, when the offering limits CPU use
     disks: tuple[DiskDevice, ...] = ()  # in launch order: the root disk first
+    nics: tuple[NicDevice, ...] = ()    # in device order
     kernel: str | None = None
     initrd: str | None = None
     cmdline: str | None = None
