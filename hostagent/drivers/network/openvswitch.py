@@ -3,7 +3,9 @@
 The driver talks to the host's ``ovsdb-server`` directly with ovsdbapp (the OVSDB IDL that OpenStack's
 agents use), not through ``ovs-vsctl``: one long-lived connection keeps a replica of the database, so reads
 cost no process and writes are transactions. ovsdbapp is blocking (its IDL runs in a thread of its own);
-every call runs in a worker thread (``asyncio.to_thread``). Its write transactions wait until
+every call runs in a worker thread (``asyncio.to_thread``). ovsdbapp keeps its connection in a class attribute
+(one database per process); each driver uses a subclass of its own, so one process can drive several hosts'
+switches (simulated hosts, tests). Its write transactions wait until
 ``ovs-vswitchd`` has applied them (``next_cfg``/``cur_cfg``, as ``ovs-vsctl`` does), so a plugged port is
 really in the datapath when :meth:`OpenVSwitchDriver.plug` returns; a port ``ovs-vswitchd`` could not open
 (``ofport`` -1) becomes a NetworkError with the switch's reason.
@@ -171,7 +173,10 @@ class OpenVSwitchDriver:
             try:
                 idl = connection.OvsdbIdl.from_server(self.ovsdb, "Open_vSwitch")
                 conn = connection.Connection(idl=idl, timeout=self.timeout)
-                api = impl_idl.OvsdbIdl(conn)  # starts the connection's thread
+                # ovsdbapp keeps its connection in a class attribute (one database per process); a class
+                # of our own per driver lets one agent process talk to several hosts' switches.
+                api_class = type("OvsdbIdl", (impl_idl.OvsdbIdl,), {"_ovsdb_connection": None})
+                api = api_class(conn)  # starts the connection's thread
             except Exception as error:  # ovsdbapp raises bare Exception for an unreachable server
                 raise NetworkError(f"cannot reach the Open vSwitch database at {self.ovsdb}: {error}") from None
             self._connection, self._api = conn, api
@@ -300,7 +305,8 @@ class OpenVSwitchDriver:
         if current != label:
             commands.append(api.add_port(label, port, may_exist=False))
         if tag is None:
-            commands.append(api.db_clear("Port", port, "tag"))
+            if current == label:  # a row inserted in this transaction has no tag to clear (nor the column)
+                commands.append(api.db_clear("Port", port, "tag"))
         else:
             commands.append(api.db_set("Port", port, ("tag", tag)))
         commands.append(api.db_set("Port", port, ("external_ids", {SEGMENT_KEY: segment_id(segment)})))

@@ -1,0 +1,249 @@
+"""The Open vSwitch backend on simulated hosts: each host namespace runs its own ovsdb-server/ovs-vswitchd
+(userspace datapath), its cloudbr0 is an OVS bridge whose uplink is a trunk on the lab's underlay.
+
+Guests here are network namespaces: a veth whose host end the driver plugs into the segment, whose other end
+is the guest's ``eth0`` (TX checksum offload off, as every namespace-side veth on the userspace datapath
+needs). Every guest of a test is in the same IPv4 subnet, so only the VLAN tags keep the segments apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.register_assert_rewrite("conftest_libvirt")
+from conftest_libvirt import Cloud, unique, wait_for  # noqa: E402
+
+from controllers.api.v1alpha1.network import Segment, broadcast_uri, guest_bridge  # noqa: E402
+from cumulo import ovs  # noqa: E402
+from cumulo.netlab import LabHost, NetLab  # noqa: E402
+from hostagent.drivers.network import NetworkError  # noqa: E402
+from hostagent.drivers.network.openvswitch import OpenVSwitchDriver  # noqa: E402
+
+pytest_plugins = ["conftest_netlab", "conftest_libvirt"]
+
+
+@pytest.fixture
+def ovs_lab(netlab: NetLab) -> NetLab:
+    reason = ovs.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason=f"no private Open vSwitch: {reason}")
+    return netlab
+
+
+def vlan_segment(vlan: int | None, label: str = "cloudbr0", mtu: int = 1500) -> Segment:
+    uri = broadcast_uri("VLAN", vlan)
+    return Segment(vswitch="openvswitch", traffic_label=label, broadcast_uri=uri,
+                   bridge=guest_bridge("openvswitch", label, uri), mtu=mtu)
+
+
+def driver(host: LabHost) -> OpenVSwitchDriver:
+    return OpenVSwitchDriver(netns=host.netns, ovsdb=ovs.lab_switch(host.netns).db_url)
+
+
+@dataclasses.dataclass
+class Guest:
+    """A network-namespace guest: ``eth0`` inside netns ``<prefix>-<name>``, its peer ``port`` on the host."""
+
+    lab: NetLab
+    host: LabHost
+    name: str
+    address: str
+    port: str
+
+    @property
+    def netns(self) -> str:
+        return self.lab.netns_name(self.name)
+
+    def exec(self, argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        return self.lab.exec(self.netns, argv, **kwargs)  # type: ignore[arg-type]
+
+    def ping(self, other: Guest, count: int = 1, wait: int = 2) -> bool:
+        result = self.exec(["busybox", "ping", "-c", str(count), "-W", str(wait), other.address.split("/")[0]],
+                           check=False, timeout=count * wait + 10)
+        return result.returncode == 0
+
+
+def make_guest(lab: NetLab, host: LabHost, name: str, address: str) -> Guest:
+    """The guest's namespace and veth (not yet plugged anywhere)."""
+    guest = Guest(lab, host, name, address, port=f"v{name}")
+    subprocess.run(["ip", "netns", "add", guest.netns], check=True)  # <prefix>-*: removed with the lab
+    host.exec(["ip", "link", "add", guest.port, "type", "veth", "peer", "name", "eth0", "netns", guest.netns])
+    guest.exec(["ip", "link", "set", "lo", "up"])
+    guest.exec(["ip", "addr", "add", address, "dev", "eth0"])
+    guest.exec(["ip", "link", "set", "eth0", "up"])
+    ovs.disable_tx_offload(guest.netns, "eth0")
+    return guest
+
+
+TCP_SERVER = """
+import socket, sys
+with socket.create_server(("0.0.0.0", int(sys.argv[1]))) as server:
+    print("listening", flush=True)
+    server.settimeout(20)
+    connection, _ = server.accept()
+    connection.settimeout(20)
+    total = 0
+    while chunk := connection.recv(65536):
+        total += len(chunk)
+    connection.sendall(str(total).encode())
+"""
+TCP_CLIENT = """
+import os, socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[4])) as connection:
+    connection.sendall(os.urandom(int(sys.argv[3])))
+    connection.shutdown(socket.SHUT_WR)
+    print(connection.recv(64).decode())
+"""
+
+
+def tcp_transfer(lab: NetLab, client: Guest, server: Guest, size: int = 1_000_000, port: int = 5001,
+                 timeout: float = 10.0) -> int:
+    """Bytes ``server`` counted of ``size`` random bytes ``client`` sent over one TCP connection (0: none got
+    through)."""
+    listener = lab.popen(server.netns, [sys.executable, "-c", TCP_SERVER, str(port)], stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        assert listener.stdout is not None and listener.stdout.readline().strip() == "listening"
+        result = client.exec([sys.executable, "-c", TCP_CLIENT, server.address.split("/")[0], str(port), str(size),
+                              str(timeout)], check=False, timeout=timeout + 10)
+        return int(result.stdout.strip()) if result.returncode == 0 and result.stdout.strip() else 0
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+        listener.wait(5)
+
+
+def test_vlan_segments_connect_across_hosts_and_stay_apart(ovs_lab: NetLab) -> None:
+    started = time.monotonic()
+    h1, h2 = ovs_lab.add_host("h1", vswitch="openvswitch"), ovs_lab.add_host("h2", vswitch="openvswitch")
+    assert h1.mtu("cloudbr0") == 1600 and h1.ping(h2.underlay_ip, size=1572)  # the underlay through OVS
+    lab_ready = time.monotonic() - started
+    red, blue = vlan_segment(100), vlan_segment(200)
+    a1, a2 = make_guest(ovs_lab, h1, "a1", "10.9.0.1/24"), make_guest(ovs_lab, h2, "a2", "10.9.0.2/24")
+    b1, b2 = make_guest(ovs_lab, h1, "b1", "10.9.0.3/24"), make_guest(ovs_lab, h2, "b2", "10.9.0.4/24")
+
+    async def plug() -> None:
+        for host, plugs in ((h1, [(red, a1), (blue, b1)]), (h2, [(red, a2), (blue, b2)])):
+            network = driver(host)
+            try:
+                for seg, guest in plugs:
+                    await network.ensure_segment(seg)
+                    await network.plug(seg, guest.port)
+                    await network.plug(seg, guest.port)  # idempotent
+                assert await network.ports(red) == [plugs[0][1].port]
+                assert await network.ports(blue) == [plugs[1][1].port]
+            finally:
+                await network.close()
+
+    asyncio.run(plug())
+    switch = ovs.lab_switch(h1.netns)
+    assert switch.vsctl("get", "Port", a1.port, "tag").strip() == "100"
+    assert switch.vsctl("get", "Port", b1.port, "tag").strip() == "200"
+    assert switch.vsctl("get", "Port", "eth0", "tag").strip() == "[]"  # the uplink trunks every VLAN
+
+    assert a1.ping(a2, wait=3), "same VLAN across the underlay"
+    assert b2.ping(b1, wait=3), "the other VLAN across the underlay"
+    # TCP in both directions proves the checksums survive the userspace datapath.
+    assert tcp_transfer(ovs_lab, a1, a2) == 1_000_000
+    assert tcp_transfer(ovs_lab, b2, b1) == 1_000_000
+    # Same subnet, other tag: nothing gets through, on the same host or across.
+    assert not a1.ping(b1, wait=1)
+    assert not a1.ping(b2, wait=1)
+    assert not b2.ping(a2, wait=1)
+    assert tcp_transfer(ovs_lab, a1, b2, size=1000, timeout=2) == 0
+
+    async def release() -> None:
+        for host, plugs in ((h1, [(red, a1), (blue, b1)]), (h2, [(red, a2), (blue, b2)])):
+            network = driver(host)
+            try:
+                for seg, guest in plugs:
+                    await network.unplug(seg, guest.port)
+                    await network.unplug(seg, guest.port)  # already gone: not an error
+                    await network.release_segment(seg)
+                    assert await network.ports(seg) == []
+            finally:
+                await network.close()
+
+    asyncio.run(release())
+    for host in (h1, h2):
+        assert ovs.lab_switch(host.netns).ports("cloudbr0") == ["eth0"]
+    assert not a1.ping(a2, wait=1)
+    print(f"lab of two OVS hosts ready in {lab_ready:.2f}s, whole test {time.monotonic() - started:.1f}s")
+
+
+def test_ports_whose_interface_died_are_released_and_errors_are_clear(ovs_lab: NetLab) -> None:
+    h1 = ovs_lab.add_host("h1", vswitch="openvswitch")
+    red = vlan_segment(100)
+    a1 = make_guest(ovs_lab, h1, "a1", "10.9.0.1/24")
+    b1 = make_guest(ovs_lab, h1, "b1", "10.9.0.2/24")
+    switch = ovs.lab_switch(h1.netns)
+
+    async def scenario() -> None:
+        network = driver(h1)
+        try:
+            assert await network.bridge_exists("cloudbr0") and await network.bridge_exists("cloudbr1")
+            assert not await network.bridge_exists("cloudbr7")
+            assert not await network.bridge_exists("eth0")  # an interface, not an OVS bridge
+            await network.plug(red, a1.port)
+            await network.plug(red, b1.port)
+            # A guest's interface vanishes (its QEMU died): the OVSDB record stays until the segment is released.
+            subprocess.run(["ip", "netns", "delete", a1.netns], check=True)
+            wait_for(lambda: a1.port not in h1.exec(["ip", "-o", "link"]).stdout, timeout=5, what="veth gone")
+            assert a1.port in switch.ports("cloudbr0")
+            await network.release_segment(red)
+            assert switch.ports("cloudbr0") == ["eth0", b1.port]  # b1 is alive and stays
+            # Moving a port to the untagged segment clears its tag.
+            await network.plug(vlan_segment(None), b1.port)
+            assert switch.vsctl("get", "Port", b1.port, "tag").strip() == "[]"
+            with pytest.raises(NetworkError, match="port 'vnothere' does not exist"):
+                await network.plug(red, "vnothere")
+            with pytest.raises(NetworkError, match="'cloudbr7' is not an Open vSwitch bridge"):
+                await network.ensure_segment(vlan_segment(100, label="cloudbr7"))
+            with pytest.raises(NetworkError, match="VXLAN on the openvswitch backend is not supported yet"):
+                await network.ensure_segment(Segment(vswitch="openvswitch", traffic_label="cloudbr0",
+                                                     broadcast_uri="vxlan://5001", bridge="cloudbr0"))
+        finally:
+            await network.close()
+        unreachable = OpenVSwitchDriver(netns=h1.netns, ovsdb=f"unix:{switch.workdir}/missing.sock", timeout=2)
+        with pytest.raises(NetworkError, match="cannot reach the Open vSwitch database"):
+            await unreachable.bridge_exists("cloudbr0")
+
+    asyncio.run(scenario())
+
+
+def test_private_switch_restarts_idempotently(ovs_lab: NetLab) -> None:
+    h1 = ovs_lab.add_host("h1", vswitch="openvswitch")
+    switch = ovs.lab_switch(h1.netns)
+    assert switch.running
+    switch.start()  # running: nothing happens
+    switch.stop()
+    switch.stop()
+    assert not switch.running
+    switch.start()  # the database kept the bridges; the internal port keeps the underlay address
+    assert switch.bridges() == ["cloudbr0", "cloudbr1"]
+    assert h1.underlay_ip in h1.exec(["ip", "-o", "addr", "show", "cloudbr0"]).stdout
+
+
+def test_agent_reports_its_ovs_label_bridges(ovs_lab: NetLab, system_namespace, cloud: Cloud, agents) -> None:
+    h1 = ovs_lab.add_host("h1", vswitch="openvswitch")
+    host, cluster, zone = unique("ovs"), unique("cl"), unique("zone")
+    cloud.create("physicalnetworks", unique("pnet"), {
+        "zone": zone, "isolationMethod": "VLAN", "vswitch": "openvswitch", "vnetRanges": [{"start": 100, "end": 199}],
+        "trafficTypes": [{"type": "Guest", "label": "cloudbr0"}, {"type": "Public", "label": "cloudbr1"},
+                         {"type": "Management", "label": "cloudbr9"}]})
+    agents.start(host, "--host", host, "--hypervisor", "simulator", "--register-cluster", cluster,
+                 "--network-driver", "openvswitch", "--host-netns", h1.netns,
+                 "--ovsdb", ovs.lab_switch(h1.netns).db_url, "--heartbeat-interval", "1", "--lease-duration", "10")
+    wait_for(lambda: cloud.node(host), what="status.node")
+    cloud.patch_status("hosts", host, {"zone": zone})
+    node = wait_for(lambda: (n := cloud.node(host)) and n.get("bridges") and n, what="bridges reported")
+    assert node["bridges"] == {"cloudbr0": True, "cloudbr1": True, "cloudbr9": False}
+    # The switch sees a bridge come: the report follows within a check interval.
+    ovs.lab_switch(h1.netns).add_bridge("cloudbr9")
+    wait_for(lambda: cloud.node(host)["bridges"]["cloudbr9"] is True, timeout=10, what="cloudbr9 reported")
