@@ -229,6 +229,11 @@ class NetnsDriver:
                                 f"eth{default.device_id}" if default else "")
         await asyncio.to_thread(self._links, netns, record.nics)
         for nic in record.nics:
+            if nic.segment.vswitch == "openvswitch":
+                # OVS's userspace datapath (netdev) forwards what the veth hands it: TCP/UDP checksums left to
+                # offload would arrive unfilled (see hostagent/drivers/network/openvswitch.py).
+                await self._guest(netns, ["ethtool", "-K", f"eth{nic.device_id}", "tx", "off"], "ethtool -K")
+        for nic in record.nics:
             try:
                 await self.network.plug(nic.segment, nic.port)
             except NetworkError as error:
