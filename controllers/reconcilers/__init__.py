@@ -9,7 +9,7 @@ from controllers.reconcilers.offerings import (
     NetworkOfferingReconciler,
     ServiceOfferingReconciler,
 )
-from controllers.reconcilers.network import NetworkReconciler
+from controllers.reconcilers.network import NetworkReconciler, VirtualRouterReconciler
 from controllers.reconcilers.physicalnetwork import PhysicalNetworkReconciler
 from controllers.reconcilers.publicip import PublicIPAddressReconciler
 from controllers.reconcilers.rules import (
@@ -30,6 +30,6 @@ INFRASTRUCTURE = (
     NetworkOfferingReconciler,
 )
 COMPUTE = (TemplateReconciler, VolumeReconciler, VirtualMachineReconciler)
-NETWORKING = (NetworkReconciler, PublicIPAddressReconciler, FirewallRuleReconciler, PortForwardingRuleReconciler,
+NETWORKING = (NetworkReconciler, VirtualRouterReconciler, PublicIPAddressReconciler, FirewallRuleReconciler, PortForwardingRuleReconciler,
               LoadBalancerRuleReconciler, SecurityGroupReconciler)
 ALL = INFRASTRUCTURE + NETWORKING + COMPUTE

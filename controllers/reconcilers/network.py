@@ -46,7 +46,7 @@ from controllers.api.v1alpha1.virtualrouter import (
 )
 from controllers.conditions import Check, first_failure
 from controllers.reconcilers.base import InventoryReconciler
-from controllers.runtime import Key, merge_patch
+from controllers.runtime import Key, Result, deleting, merge_patch, utcnow
 
 IMPLEMENTED = "Implemented"
 ROUTER_OWNER = "router"
@@ -277,6 +277,13 @@ class NetworkReconciler(InventoryReconciler):
                 hosts.append(host.metadata.name)
         return hosts
 
+    def _keeps_router(self, name: str) -> bool:
+        """A router stays on its host until the host is declared Alert or Down (or goes): a host merely
+        Disconnected from the control plane may still be forwarding, and two routers with one address and MAC
+        on a segment would be worse than a pause in reconfiguration."""
+        host = self.store.get("hosts", name)
+        return host is not None and host.status.state not in (HostState.ALERT, HostState.DOWN)
+
     def derive(self, network: Network, ctx: inventory.Context) -> NetworkStatus:
         previous = network.status
         status = previous.model_copy(deep=True)
@@ -369,6 +376,8 @@ class NetworkReconciler(InventoryReconciler):
         current = status.router.host if status.router else None
         load = {host: len(self.store.by("virtualrouters", ".spec.host", host)) for host in
                 self._router_hosts(network.spec.zone, labels)}
+        if current is not None and self._keeps_router(current):
+            load.setdefault(current, 0)
         host = choose_router_host(sorted(load), load, current)
         if host is None:
             status.router = RouterInfo(guest_ip=guest_ip, public_ip=status.source_nat_ip, state="Pending")
@@ -548,3 +557,34 @@ class NetworkReconciler(InventoryReconciler):
             return False
         self.forget(self.key(name, namespace))
         return True
+
+
+class VirtualRouterReconciler(InventoryReconciler):
+    """Ready and phase of a VirtualRouter from what its agent reports. The Network reconciler owns the object
+    (spec, lifecycle); no finalizer here: the agent tears the router down when the object goes."""
+
+    kind = kinds.VIRTUALROUTERS
+    agent_status_keys = ("node",)
+
+    async def reconcile(self, router: t.Any) -> Result:
+        status = self.derive(router, inventory.Context(now=utcnow(), deleting=deleting(router)))
+        await self.write_status(router, status)
+        return Result()
+
+    def derive(self, router: VirtualRouter, ctx: inventory.Context) -> t.Any:
+        node = router.status.node
+        spec = router.spec
+        if node is None or node.host != spec.host:
+            ready, phase = Check.failed("Starting", f"waiting for the agent of {spec.host}"), "Starting"
+        elif node.state == "Error":
+            ready, phase = Check.failed("RouterError", node.message or "the agent reports an error"), "Error"
+        elif node.applied_generation != router.metadata.generation:
+            ready, phase = Check.failed("Applying", f"the agent of {spec.host} is applying the configuration"), \
+                "Starting"
+        else:
+            ready, phase = Check.passed("Running", f"running in {node.namespace} on {spec.host}"), "Running"
+        status = router.status.model_copy(deep=True)
+        status.observed_generation = router.metadata.generation
+        status.phase = phase
+        status.conditions = inventory.conditions(router.status.conditions, router.metadata.generation, ctx, ready)
+        return status
