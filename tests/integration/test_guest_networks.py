@@ -13,6 +13,7 @@ pytest.register_assert_rewrite("conftest_libvirt", "networkcloud")
 from conftest_libvirt import wait_for  # noqa: E402
 from networkcloud import ISOLATED_SERVICES, PUBLIC_GATEWAY, NetworkCloud, http, tcp  # noqa: E402
 
+from cumulo import ovs  # noqa: E402
 from cumulo.netlab import list_netns  # noqa: E402
 
 pytest_plugins = ["conftest_libvirt", "conftest_netlab"]
@@ -31,8 +32,12 @@ def implemented(nc: NetworkCloud, network: str) -> dict:
                     what=f"network {network} Implemented")
 
 
-def test_isolated_vxlan_networks_across_two_hosts(make_cloud) -> None:
-    nc = make_cloud()
+@pytest.mark.parametrize("vswitch, isolation", [("linuxbridge", "VXLAN"), ("openvswitch", "VLAN")],
+                         ids=["linuxbridge-vxlan", "openvswitch-vlan"])
+def test_isolated_networks_across_two_hosts(make_cloud, vswitch: str, isolation: str) -> None:
+    if vswitch == "openvswitch" and (reason := ovs.unavailable_reason()):
+        pytest.skip(f"no Open vSwitch: {reason}")
+    nc = make_cloud(vswitch=vswitch, isolation=isolation, vnets=(5000, 5099) if isolation == "VXLAN" else (100, 199))
     offering = nc.network_offering("Isolated", ISOLATED_SERVICES)
     nc.network("net-a", offering)
     nc.network("net-b", offering, cidr="10.2.2.0/24", gateway="10.2.2.1")
@@ -41,7 +46,8 @@ def test_isolated_vxlan_networks_across_two_hosts(make_cloud) -> None:
     nc.vm("b1", ["net-b"], host="h2")
     nc.running("a1", "a2", "b1")
     net_a, net_b = implemented(nc, "net-a"), implemented(nc, "net-b")
-    assert net_a["broadcastUri"].startswith("vxlan://") and net_a["broadcastUri"] != net_b["broadcastUri"]
+    assert net_a["broadcastUri"].startswith(f"{isolation.lower()}://")
+    assert net_a["broadcastUri"] != net_b["broadcastUri"]
     assert net_a["gateway"] == "10.1.1.1" and net_a["router"]["state"] == "Running"
 
     # Every guest holds the address IPAM gave it, learnt by DHCP from its network's router.
@@ -50,8 +56,8 @@ def test_isolated_vxlan_networks_across_two_hosts(make_cloud) -> None:
         assert address == nc.nic(vm)["ipAddress"], vm
     assert addresses["a1"].startswith("10.1.1.") and addresses["b1"].startswith("10.2.2.")
 
-    # Same network, different hosts: the VXLAN segment carries them; the router's DNS knows the names.
-    assert nc.ping("a1", addresses["a2"]), "a1 cannot reach a2 across the VXLAN segment"
+    # Same network, different hosts: the VXLAN/VLAN segment carries them; the router's DNS knows the names.
+    assert nc.ping("a1", addresses["a2"]), f"a1 cannot reach a2 across the {isolation} segment"
     assert http(nc.guest_netns("a1"), addresses["a2"]) == "a2"
     assert addresses["a2"] in nc.resolve("a1", "a2"), nc.resolve("a1", "a2")
     assert addresses["a1"] in nc.resolve("a2", "a1.cloud.internal")
