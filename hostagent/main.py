@@ -183,11 +183,20 @@ def build_workers(agent: Agent) -> list[HostWorker]:
     return workers
 
 
+def _forget_signal_handling() -> None:
+    """In a child forked by the agent (pyroute2 forks one to enter a network namespace, then signals it): the
+    inherited signal wakeup fd is the event loop's, so a SIGTERM the child gets would stop the agent itself."""
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 async def run(config: AgentConfig, kube: Kube) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    os.register_at_fork(after_in_child=_forget_signal_handling)
     api = AsyncKube(kube, threads=config.api_threads)
     try:
         await Agent(config, api, build_workers).run(stop)
