@@ -14,8 +14,10 @@ Semantics (CloudStack's virtual router):
 * ``postrouting`` (srcnat): a static NAT guest leaves as its public address, every other guest as the
   source NAT address; hairpinned connections are masqueraded to the router's guest address so the reply
   comes back through the router.
-* ``forward`` (policy drop): established/related first; connections NATed to a guest (``ct status dnat``)
-  go through ``firewall``; new guest → public connections through ``egress``; nothing else passes.
+* ``forward`` (policy drop): established/related first; connections from the public side NATed to a guest
+  (``ct status dnat``) go through ``firewall``; hairpinned ones (a guest to a public address of its own
+  network, NATed back in) pass, as the firewall guards the public side only; new guest → public connections
+  go through ``egress``; nothing else passes.
 * ``firewall``: ingress to a public address, allowed by FirewallRules only. DNAT has already rewritten the
   destination by the forward hook, so rules match ``ct original ip daddr`` / ``ct original proto-dst``.
 * ``egress``: guest → public, ``egressDefaultAllow`` with the egress rules as exceptions.
@@ -249,9 +251,11 @@ def render(spec: VirtualRouterSpec, *, guest_if: str = GUEST_IFNAME, public_if: 
     input_rules.append(f"iifname {guest_q} meta l4proto icmp accept")
     if public:
         input_rules.append(f"iifname {public_q} jump firewall")
-    forward_rules = [*established, "ct status dnat jump firewall"]
+    forward_rules = [*established]
     if public:
-        forward_rules.append(f"iifname {guest_q} oifname {public_q} jump egress")
+        forward_rules += [f"iifname {public_q} ct status dnat jump firewall",
+                          f"iifname {guest_q} oifname {guest_q} ct status dnat accept",  # hairpin
+                          f"iifname {guest_q} oifname {public_q} jump egress"]
 
     body = [
         *_chain("prerouting", "nat prerouting dstnat", dnat),

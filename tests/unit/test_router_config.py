@@ -127,8 +127,8 @@ def test_least_conn_falls_back_to_round_robin_with_a_warning():
 
 def test_forwarding_is_stateful_and_ingress_goes_through_the_firewall():
     assert chain(rules(router()), "forward") == [
-        "ct state established,related accept", "ct state invalid drop", "ct status dnat jump firewall",
-        'iifname "eth0" oifname "eth1" jump egress']
+        "ct state established,related accept", "ct state invalid drop", 'iifname "eth1" ct status dnat jump firewall',
+        'iifname "eth0" oifname "eth0" ct status dnat accept', 'iifname "eth0" oifname "eth1" jump egress']
 
 
 def test_firewall_matches_the_original_destination():
@@ -170,7 +170,7 @@ def test_a_router_without_public_interface_does_dhcp_and_dns_only():
     text = rules(router(public=None, sourceNatIp=None, publicGateway=None,
                         staticNats=[{"publicIp": "203.0.113.11", "privateIp": "10.1.1.5"}]))
     assert chain(text, "prerouting") == [] and chain(text, "postrouting") == []
-    assert chain(text, "forward")[-1] == "ct status dnat jump firewall"
+    assert chain(text, "forward") == ["ct state established,related accept", "ct state invalid drop"]
     assert chain(text, "egress") == []
 
 
