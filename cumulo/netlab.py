@@ -201,6 +201,9 @@ class NetLab:
         run(["ip", "link", "add", root_name, "mtu", str(mtu), "type", "veth", "peer", "name", inner_name,
              "mtu", str(mtu), "netns", netns])
         run(["ip", "link", "set", root_name, "master", bridge, "up"])
+        # Like a physical NIC, the namespace's end fills in its checksums itself: with TX offload on, its
+        # packets would arrive at an Open vSwitch (userspace datapath) host with TCP/UDP checksums unfilled.
+        run(netns_exec_argv(netns, ["ethtool", "-K", inner_name, "tx", "off"]))
         run(netns_exec_argv(netns, ["ip", "link", "set", inner_name, "up"]))
 
     def add_host(self, name: str, *, vswitch: str = "linuxbridge") -> LabHost:
