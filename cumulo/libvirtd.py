@@ -7,6 +7,10 @@ root always uses (/etc/libvirt, /run/libvirt, /var/lib/libvirt, /var/log/libvirt
 its sockets live in its work directory, reached as ``qemu:///system?socket=<workdir>/libvirt-sock``.
 Nothing is shared between instances or with a system libvirtd.
 
+``netns``: a simulated host (a network namespace, :mod:`cumulo.netlab`) gets its libvirtd started inside that
+namespace (``ip netns exec``), so QEMU's taps are made there and plug into the host's bridges; the sockets are
+files in the work directory, reached from any namespace.
+
 Two modes, like :mod:`cumulo.envtest`:
 
 * attached (``start()``, or a context manager): libvirtd dies with the Python process, even when that
@@ -92,7 +96,8 @@ def unavailable_reason() -> str | None:
 class PrivateLibvirtd:
     """One private libvirtd. Use as a context manager, or start()/stop()."""
 
-    def __init__(self, workdir: Path | str | None = None, *, cache_dir: Path | None = None) -> None:
+    def __init__(self, workdir: Path | str | None = None, *, cache_dir: Path | None = None,
+                 netns: str | None = None) -> None:
         # A short path: the socket path must fit in sun_path (108 bytes).
         self._owns_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="cumulo-lv-")).absolute()
@@ -100,6 +105,8 @@ class PrivateLibvirtd:
         self.record: processes.Record | None = None  # the running libvirtd (attached or detached)
         self.cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
         self.startup_seconds: float | None = None  # None when start() found one running
+        # A simulated host's network namespace: libvirtd (and so QEMU and its taps) runs inside it.
+        self.netns = netns
 
     @property
     def socket(self) -> Path:
@@ -226,10 +233,11 @@ class PrivateLibvirtd:
         with self.log_path.open("ab") as log:
             log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} libvirtd{' (detached)' if detach else ''}\n"
                       .encode())
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.proc = processes.spawn(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", self._script()], self.log_path,
+            [*prefix, "unshare", "--mount", "--propagation", "private", "sh", "-c", self._script()], self.log_path,
             detach=detach, banner=False)
-        # unshare and sh exec, so the PID is libvirtd's own.
+        # ip netns exec, unshare and sh exec, so the PID is libvirtd's own.
         self.record = processes.Record.of(self.proc.pid)
         if detach:  # recorded at once, so that even an interrupted start can be stopped later
             processes.write_json(self.state_path, self._state())

@@ -181,6 +181,29 @@ def libvirtd() -> Iterator[PrivateLibvirtd]:
         daemon.stop()
 
 
+@pytest.fixture
+def libvirtd_factory() -> Iterator[Callable[..., PrivateLibvirtd]]:
+    """Private libvirtds started on demand, e.g. ``libvirtd_factory(netns=host.netns)`` inside a lab host's
+    network namespace (cumulo.netlab); all stopped at the end."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason=f"no private libvirtd: {reason}")
+    started: list[PrivateLibvirtd] = []
+
+    def start(netns: str | None = None) -> PrivateLibvirtd:
+        daemon = PrivateLibvirtd(netns=netns)
+        try:
+            daemon.start()
+        except LibvirtUnavailable as error:
+            pytest.skip(reason=f"private libvirtd did not start: {error}")
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
 # -- API helpers -----------------------------------------------------------------------------
 
 

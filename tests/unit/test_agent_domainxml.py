@@ -163,3 +163,27 @@ def test_hotplug_disk_xml():
     assert element.get("device") == "disk" and element.find("target").get("dev") == "vdc"
     assert element.find("alias").get("name") == "ua-cumulo-vol-data1"
     assert element.find("driver").get("discard") == "unmap"
+
+
+def test_nics_are_virtio_interfaces_on_their_segment_bridges():
+    import pytest
+
+    from hostagent.drivers.hypervisor import HypervisorError
+
+    nic = {"network": "tenant/net", "macAddress": "02:00:0a:01:01:05", "bridge": "brvx-5001",
+           "broadcastUri": "vxlan://5001", "trafficLabel": "cloudbr0", "mtu": 1450}
+    flat = {"network": "tenant/flat", "deviceId": 1, "macAddress": "02:00:0a:02:02:06", "bridge": "cloudbr0",
+            "trafficLabel": "cloudbr0"}
+    root = render(launch(nics=[flat, nic]))
+    interfaces = root.findall("devices/interface")
+    assert [i.get("type") for i in interfaces] == ["bridge", "bridge"]
+    first, second = interfaces
+    assert first.find("mac").get("address") == "02:00:0a:01:01:05"
+    assert first.find("source").get("bridge") == "brvx-5001"
+    assert first.find("target").get("dev") == "vn0a1b2c3d0"
+    assert first.find("model").get("type") == "virtio" and first.find("mtu").get("size") == "1450"
+    assert first.find("alias").get("name") == "ua-cumulo-nic-0"
+    assert second.find("source").get("bridge") == "cloudbr0" and second.find("target").get("dev") == "vn0a1b2c3d1"
+    assert second.find("mtu").get("size") == "1500"
+    with pytest.raises(HypervisorError, match="'nosuch' segment"):
+        render(launch(nics=[{**nic, "vswitch": "nosuch", "bridge": "cloudbr0"}]))

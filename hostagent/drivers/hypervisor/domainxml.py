@@ -18,6 +18,12 @@ The shape, and why:
 * A ``<metadata>`` element (namespace :data:`METADATA_NS`) records the owning VirtualMachine
   (namespace, name, uid), the host, the launch's resourceVersion and the start time: what adoption
   after an agent restart reads.
+* NICs are ``virtio`` interfaces in device order with the launch's MAC, the segment's MTU and the host-side tap
+  named like every guest port of the agent (``vn<uid8><device>``, :func:`hostagent.vmspec.nic_port`), so
+  security groups and the netns driver name ports the same way. How a tap reaches its segment depends on the
+  virtual switch: :data:`INTERFACE_RENDERERS` maps ``Segment.vswitch`` to a renderer; the Linux bridge one is
+  ``type='bridge'`` with the segment's bridge (libvirt plugs the tap; the agent ensured the bridge before the
+  start). Open vSwitch registers its own (``virtualport`` or ``type='ethernet'`` plus a plug by the driver).
 * ``on_poweroff``/``on_crash`` ``destroy``: domains are transient; a stopped guest leaves no domain behind.
 """
 
@@ -25,12 +31,15 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from . import CPU_PERIOD_US, DiskDevice, DomainDescription, DomainOwner
+import typing as t
+
+from . import CPU_PERIOD_US, DiskDevice, DomainDescription, DomainOwner, HypervisorError, NicDevice
 
 METADATA_NS = "https://cumulo.io/xmlns/libvirt-domain/1"
 METADATA_PREFIX = "cumulo"
 VOLUME_ALIAS_PREFIX = "ua-cumulo-vol-"
 CONFIG_DRIVE_ALIAS = "ua-cumulo-config-drive"
+NIC_ALIAS_PREFIX = "ua-cumulo-nic-"
 
 ET.register_namespace(METADATA_PREFIX, METADATA_NS)
 
@@ -68,6 +77,33 @@ def disk_element(disk: DiskDevice) -> ET.Element:
 
 def disk_xml(disk: DiskDevice) -> str:
     return ET.tostring(disk_element(disk), encoding="unicode")
+
+
+def _interface_common(element: ET.Element, nic: NicDevice) -> ET.Element:
+    _sub(element, "mac", address=nic.mac)
+    _sub(element, "target", dev=nic.port)
+    _sub(element, "model", type="virtio")
+    _sub(element, "mtu", size=str(nic.mtu))
+    _sub(element, "alias", name=f"{NIC_ALIAS_PREFIX}{nic.device_id}")
+    return element
+
+
+def linuxbridge_interface(nic: NicDevice) -> ET.Element:
+    element = ET.Element("interface", {"type": "bridge"})
+    _sub(element, "source", bridge=nic.segment.bridge)
+    return _interface_common(element, nic)
+
+
+INTERFACE_RENDERERS: dict[str, t.Callable[[NicDevice], ET.Element]] = {"linuxbridge": linuxbridge_interface}
+"""``Segment.vswitch`` -> the ``<interface>`` of a NIC on it; see the module docstring."""
+
+
+def interface_element(nic: NicDevice) -> ET.Element:
+    renderer = INTERFACE_RENDERERS.get(nic.segment.vswitch)
+    if renderer is None:
+        raise HypervisorError(f"NIC {nic.device_id}: libvirt guests cannot be plugged into a "
+                              f"{nic.segment.vswitch!r} segment on this agent")
+    return renderer(nic)
 
 
 def render(description: DomainDescription, virt_type: str = "qemu") -> str:
@@ -119,6 +155,8 @@ def render(description: DomainDescription, virt_type: str = "qemu") -> str:
             _sub(devices, "controller", type="scsi", index="0", model="virtio-scsi")
         devices.append(disk_element(DiskDevice(volume="", path=d.config_drive, target="sda" if bus == "scsi" else "hdc",
                                                format="raw", bus=bus, device="cdrom", read_only=True)))
+    for nic in d.nics:
+        devices.append(interface_element(nic))
     if d.machine == "q35":
         for _ in range(d.spare_pcie_ports):
             _sub(devices, "controller", type="pci", model="pcie-root-port")

@@ -344,7 +344,8 @@ class NetnsDriver:
         record = await self._live(uuid)
         return record.nics if record is not None else ()
 
-    async def _update_disks(self, uuid: str, change: t.Callable[[tuple[DiskDevice, ...]], tuple[DiskDevice, ...]]) -> None:
+    async def _update_disks(self, uuid: str,
+                            change: t.Callable[[tuple[DiskDevice, ...]], tuple[DiskDevice, ...]]) -> None:
         record = await self._live(uuid)
         if record is None:
             raise HypervisorError(f"domain {uuid} is not running")
