@@ -268,6 +268,9 @@ class SecurityGroupEnforcer:
             self._applied = script
             return True
 
+    def has_guest(self, uid: str) -> bool:
+        return os.path.exists(self._path(uid))
+
     async def remove_guest(self, uid: str) -> bool:
         return await self.set_guest(uid, [])
 

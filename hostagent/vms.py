@@ -303,7 +303,7 @@ class VmReconciler(ObjectReconciler):
         if isinstance(worker.network, SimulatorNetworkDriver):
             return  # a simulated host: nothing to filter
         nics = guest_nics(uid, [nic for nic in launch.nics if nic.vswitch == "linuxbridge"], vmspec.nic_port)
-        if nics or uid in self._enforced:
+        if nics or uid in self._enforced or self.enforcer(worker).has_guest(uid):
             changed = await self.enforcer(worker).set_guest(uid, nics)
             if changed:
                 log.info("security groups applied", extra={"uuid": uid, "host": worker.name, "nics": len(nics)})
@@ -317,7 +317,7 @@ class VmReconciler(ObjectReconciler):
         if isinstance(worker.network, SimulatorNetworkDriver):
             return
         enforcer = self.enforcer(worker)
-        if uid in self._enforced or uid in await enforcer.guests():
+        if uid in self._enforced or enforcer.has_guest(uid):
             await enforcer.remove_guest(uid)
             self._enforced.discard(uid)
         if launch is not None:

@@ -54,6 +54,12 @@ def test_simulator_with_many_hosts_and_faults():
     assert config.check_interval == 1.0
 
 
+def test_netns_guests_with_real_networking():
+    config = config_from("--host", "h1", "--hypervisor", "netns", "--host-netns", "lab-h1")
+    assert (config.hypervisor, config.host_netns) == ("netns", "lab-h1")
+    assert (config.network_driver, config.storage_driver) == ("linuxbridge", "simulator")
+
+
 @pytest.mark.parametrize("args, error", [
     (["--simulate", "2"], "--simulate needs --hypervisor simulator"),
     (["--fault", 'facts={"fail": true}'], "--fault is for the simulator"),
