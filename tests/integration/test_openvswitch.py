@@ -13,6 +13,7 @@ import dataclasses
 import subprocess
 import sys
 import time
+import typing as t
 
 import pytest
 
@@ -42,6 +43,12 @@ def vlan_segment(vlan: int | None, label: str = "cloudbr0", mtu: int = 1500) -> 
                    bridge=guest_bridge("openvswitch", label, uri), mtu=mtu)
 
 
+def vxlan_segment(vni: int, label: str = "cloudbr0", vswitch: str = "openvswitch", mtu: int = 1500) -> Segment:
+    uri = broadcast_uri("VXLAN", vni)
+    return Segment(vswitch=vswitch, traffic_label=label, broadcast_uri=uri,
+                   bridge=guest_bridge(vswitch, label, uri), mtu=mtu)
+
+
 def driver(host: LabHost) -> OpenVSwitchDriver:
     return OpenVSwitchDriver(netns=host.netns, ovsdb=ovs.lab_switch(host.netns).db_url)
 
@@ -69,11 +76,12 @@ class Guest:
         return result.returncode == 0
 
 
-def make_guest(lab: NetLab, host: LabHost, name: str, address: str) -> Guest:
-    """The guest's namespace and veth (not yet plugged anywhere)."""
+def make_guest(lab: NetLab, host: LabHost, name: str, address: str, mtu: int = 1500) -> Guest:
+    """The guest's namespace and veth (not yet plugged anywhere), both ends at the segment's MTU."""
     guest = Guest(lab, host, name, address, port=f"v{name}")
     subprocess.run(["ip", "netns", "add", guest.netns], check=True)  # <prefix>-*: removed with the lab
-    host.exec(["ip", "link", "add", guest.port, "type", "veth", "peer", "name", "eth0", "netns", guest.netns])
+    host.exec(["ip", "link", "add", guest.port, "mtu", str(mtu), "type", "veth", "peer", "name", "eth0", "mtu",
+               str(mtu), "netns", guest.netns])
     guest.exec(["ip", "link", "set", "lo", "up"])
     guest.exec(["ip", "addr", "add", address, "dev", "eth0"])
     guest.exec(["ip", "link", "set", "eth0", "up"])
@@ -177,6 +185,64 @@ def test_vlan_segments_connect_across_hosts_and_stay_apart(ovs_lab: NetLab) -> N
     print(f"lab of two OVS hosts ready in {lab_ready:.2f}s, whole test {time.monotonic() - started:.1f}s")
 
 
+def test_vxlan_segments_on_ovs_hosts_interoperate_with_linux_bridge_hosts(ovs_lab: NetLab) -> None:
+    from hostagent.drivers.network.linuxbridge import LinuxBridgeDriver
+
+    h1, h2 = ovs_lab.add_host("h1", vswitch="openvswitch"), ovs_lab.add_host("h2", vswitch="openvswitch")
+    h3 = ovs_lab.add_host("h3")  # a Linux bridge host on the same underlay
+    guests = {"a1": (h1, 5001, "10.9.0.1/24"), "a2": (h2, 5001, "10.9.0.2/24"), "a3": (h3, 5001, "10.9.0.3/24"),
+              "b2": (h2, 5002, "10.9.0.4/24"), "b3": (h3, 5002, "10.9.0.5/24")}
+    made = {name: make_guest(ovs_lab, host, name, address, mtu=1450) for name, (host, _, address) in guests.items()}
+
+    def segment_of(host: LabHost, vni: int) -> Segment:
+        return vxlan_segment(vni, vswitch=host.vswitch, mtu=1450)
+
+    def network_of(host: LabHost) -> t.Any:
+        return driver(host) if host.vswitch == "openvswitch" else LinuxBridgeDriver(netns=host.netns)
+
+    async def plug() -> None:
+        for name, (host, vni, _) in guests.items():
+            network = network_of(host)
+            try:
+                await network.ensure_segment(segment_of(host, vni))
+                await network.ensure_segment(segment_of(host, vni))  # idempotent
+                await network.plug(segment_of(host, vni), made[name].port)
+            finally:
+                await network.close()
+
+    asyncio.run(plug())
+    switch = ovs.lab_switch(h2.netns)
+    assert switch.bridges() == ["brvx-5001", "brvx-5002", "cloudbr0", "cloudbr1"]
+    assert sorted(switch.ports("brvx-5001")) == ["va2", "vxlan5001"]
+    assert "vxlan id 5001 group 239.0.19.137 dev cloudbr0" in h2.exec(["ip", "-d", "link", "show", "vxlan5001"]).stdout
+
+    assert made["a1"].ping(made["a2"], wait=3), "OVS to OVS host over VXLAN"
+    assert made["a3"].ping(made["a1"], wait=3), "Linux bridge to OVS host over VXLAN"
+    assert tcp_transfer(ovs_lab, made["a1"], made["a2"]) == 1_000_000
+    assert tcp_transfer(ovs_lab, made["a2"], made["a3"]) == 1_000_000
+    assert made["b2"].ping(made["b3"], wait=3)
+    assert not made["a2"].ping(made["b2"], wait=1), "another VNI on the same host"
+    assert not made["a1"].ping(made["b3"], wait=1), "another VNI across hosts"
+
+    async def release() -> None:
+        for host, vni, names in ((h1, 5001, ["a1"]), (h2, 5001, ["a2"]), (h2, 5002, ["b2"])):
+            network = driver(host)
+            try:
+                await network.release_segment(segment_of(host, vni))  # a port is left: the segment stays
+                assert switch.bridges().count(f"brvx-{vni}") == 1 or host is h1
+                for name in names:
+                    await network.unplug(segment_of(host, vni), made[name].port)
+                await network.release_segment(segment_of(host, vni))
+                await network.release_segment(segment_of(host, vni))  # gone already: not an error
+            finally:
+                await network.close()
+
+    asyncio.run(release())
+    for host in (h1, h2):
+        assert ovs.lab_switch(host.netns).bridges() == ["cloudbr0", "cloudbr1"]
+        assert "vxlan" not in host.exec(["ip", "-o", "link"]).stdout
+
+
 def test_ports_whose_interface_died_are_released_and_errors_are_clear(ovs_lab: NetLab) -> None:
     h1 = ovs_lab.add_host("h1", vswitch="openvswitch")
     red = vlan_segment(100)
@@ -205,9 +271,8 @@ def test_ports_whose_interface_died_are_released_and_errors_are_clear(ovs_lab: N
                 await network.plug(red, "vnothere")
             with pytest.raises(NetworkError, match="'cloudbr7' is not an Open vSwitch bridge"):
                 await network.ensure_segment(vlan_segment(100, label="cloudbr7"))
-            with pytest.raises(NetworkError, match="VXLAN on the openvswitch backend is not supported yet"):
-                await network.ensure_segment(Segment(vswitch="openvswitch", traffic_label="cloudbr0",
-                                                     broadcast_uri="vxlan://5001", bridge="cloudbr0"))
+            with pytest.raises(NetworkError, match="needs 'cloudbr1' to have an MTU of at least 1550, not 1500"):
+                await network.ensure_segment(vxlan_segment(5001, label="cloudbr1"))
         finally:
             await network.close()
         unreachable = OpenVSwitchDriver(netns=h1.netns, ovsdb=f"unix:{switch.workdir}/missing.sock", timeout=2)

@@ -8,11 +8,12 @@ import pytest
 from controllers.api.v1alpha1.network import Segment, guest_bridge
 from cumulo import ovs
 from hostagent.drivers.network import NetworkError
+from hostagent.drivers.network.linuxbridge import vxlan_multicast_group
 from hostagent.drivers.network.openvswitch import (
+    SegmentPlan,
     choose_datapath_type,
     datapath_problem,
-    segment_id,
-    segment_tag,
+    plan_segment,
 )
 
 
@@ -24,23 +25,34 @@ def segment(uri: str | None, *, label: str = "cloudbr0", bridge: str | None = No
 
 def test_vlan_segments_are_tags_on_the_label_bridge() -> None:
     assert segment("vlan://100").bridge == "cloudbr0"
-    assert segment_tag(segment("vlan://100")) == 100
-    assert segment_tag(segment("vlan://4094")) == 4094
-    assert segment_tag(segment(None)) is None
-    assert segment_id(segment(None)) == "untagged" and segment_id(segment("vlan://7")) == "vlan://7"
+    assert plan_segment(segment("vlan://100")) == SegmentPlan(id="vlan://100", label="cloudbr0", bridge="cloudbr0",
+                                                              tag=100)
+    assert plan_segment(segment("vlan://4094")).tag == 4094
+    untagged = plan_segment(segment(None))
+    assert untagged == SegmentPlan(id="untagged", label="cloudbr0", bridge="cloudbr0") and not untagged.owned
+
+
+def test_vxlan_segments_get_a_bridge_and_kernel_device_of_their_own() -> None:
+    plan = plan_segment(segment("vxlan://5001"))  # the API names the label bridge
+    assert plan == SegmentPlan(id="vxlan://5001", label="cloudbr0", bridge="brvx-5001", vni=5001,
+                               device="vxlan5001", group="239.0.19.137")
+    assert plan.group == vxlan_multicast_group(5001) and plan.owned  # the same group as Linux bridge hosts
+    assert plan_segment(segment("vxlan://5001", bridge="brvx-5001")).bridge == "brvx-5001"
+    assert len(plan_segment(segment("vxlan://16777215")).device or "") <= 15
 
 
 @pytest.mark.parametrize("bad, message", [
     (segment("vlan://4095"), "VLAN 4095 is out of range"),
     (segment("vlan://100", bridge="brvlan-100"), "plug into the label bridge 'cloudbr0', not 'brvlan-100'"),
     (segment("vlan://100", vswitch="linuxbridge", bridge="cloudbr0"), "vswitch 'linuxbridge'"),
-    (segment("vxlan://5001"), "VXLAN on the openvswitch backend is not supported yet"),
+    (segment("vxlan://5001", bridge="brvx-7"), "plugs into 'brvx-5001', not 'brvx-7'"),
+    (segment("vxlan://16777216"), "VNI 16777216 is out of range"),
     (segment("vlan://1", label="a-label-too-long", bridge="a-label-too-long"), "not a valid bridge name"),
     (segment("gre://1", bridge="cloudbr0"), "not a broadcast URI"),
 ])
 def test_segments_the_driver_refuses(bad: Segment, message: str) -> None:
     with pytest.raises(NetworkError, match=message.replace("(", r"\(")):
-        segment_tag(bad)
+        plan_segment(bad)
 
 
 def test_datapath_choice_prefers_the_kernel_where_it_exists() -> None:

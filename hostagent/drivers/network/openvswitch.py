@@ -1,4 +1,5 @@
-"""The Open vSwitch network driver: guest segments as VLAN tags on the traffic-label bridge, through OVSDB.
+"""The Open vSwitch network driver: guest segments as VLAN tags on the traffic-label bridge (or a VXLAN bridge of
+their own), through OVSDB.
 
 The driver talks to the host's ``ovsdb-server`` directly with ovsdbapp (the OVSDB IDL that OpenStack's
 agents use), not through ``ovs-vsctl``: one long-lived connection keeps a replica of the database, so reads
@@ -10,27 +11,33 @@ switches (simulated hosts, tests). Its write transactions wait until
 really in the datapath when :meth:`OpenVSwitchDriver.plug` returns; a port ``ovs-vswitchd`` could not open
 (``ofport`` -1) becomes a NetworkError with the switch's reason.
 
-A segment on a host, as CloudStack's Open vSwitch backend lays it out:
+A segment on a host:
 
 * untagged: ports plug into the traffic-label bridge (``cloudbr0``) with no tag.
 * VLAN ``vlan://<id>``: ports plug into the traffic-label bridge itself as access ports with ``tag=<id>``; the
   host's uplink on that bridge is a trunk (no tag, no ``trunks`` list), so the tagged frames leave on the
   physical network. No per-segment bridge or device exists: :meth:`OpenVSwitchDriver.ensure_segment` only
   checks the label bridge, :meth:`OpenVSwitchDriver.release_segment` removes only records of this segment's
-  ports whose interface has gone (a guest's tap that died with its QEMU).
-* VXLAN ``vxlan://<vni>``: not supported yet (NetworkError). An OVS VXLAN tunnel is point-to-point
-  (``options:remote_ip``; OVS has no multicast flood-and-learn as the kernel's VXLAN device has), so the
-  driver would need the underlay addresses of the other hosts of the network, which a Segment does not
-  carry. Use the Linux bridge backend or VLAN isolation for now.
+  ports whose interface has gone (a guest's tap that died with its QEMU). No 802.1Q kernel support is needed
+  (the switch tags), which is why VLAN isolation works here on kernels without the 8021q module.
+* VXLAN ``vxlan://<vni>``: an OVS bridge of the segment's own, ``brvx-<vni>`` (on the label bridge's datapath),
+  whose uplink is a kernel VXLAN device ``vxlan<vni>`` on the label bridge's internal port (the underlay address),
+  exactly as the Linux bridge backend makes it: UDP port 4789, flood-and-learn through the VNI's multicast group.
+  Why not OVS's own VXLAN ports: they are point-to-point (``options:remote_ip``; OVS has no multicast
+  flood-and-learn), so the driver would need the underlay addresses of every other host of the network, which a
+  Segment does not carry. The kernel device needs none, and Open vSwitch and Linux bridge hosts share VXLAN
+  segments on the wire. The API's segment names the label bridge for every Open vSwitch segment; the driver
+  plugs VXLAN ports into ``brvx-<vni>`` (the name the Linux bridge backend uses too) and removes bridge and
+  device in :meth:`OpenVSwitchDriver.release_segment` once no other port is left on the bridge.
 
 Ports the driver plugs carry ``external_ids:cumulo-segment=<broadcast URI or "untagged">``, so what the agent
 plugged is told apart from the host's own ports (the uplink, the bridge's internal port).
 
 Datapath. Production hosts run the OVS kernel datapath: their bridges are ``datapath_type=system`` (OVSDB's
 empty default). Machines without the ``openvswitch`` kernel module (as the test machines) can only use the
-userspace datapath, ``netdev``. The driver does not create bridges (the label bridges belong to the host's
-configuration), but :meth:`OpenVSwitchDriver.ensure_segment` checks the label bridge's datapath against what
-the host can do, with a clear error when it cannot work: ``Open_vSwitch.datapath_types`` says what the
+userspace datapath, ``netdev``. The label bridges belong to the host's configuration (the driver's own VXLAN
+bridges take the label bridge's datapath); :meth:`OpenVSwitchDriver.ensure_segment` checks the label bridge's
+datapath against what the host can do, with a clear error when it cannot work: ``Open_vSwitch.datapath_types`` says what the
 ``ovs-vswitchd`` binary supports (it lists ``system`` even where the kernel has no module), and the kernel has
 the datapath when its generic netlink family ``ovs_datapath`` exists. :func:`choose_datapath_type` is the rule
 for whoever makes a host's bridges: ``system`` where the kernel has it, else ``netdev``. With ``netdev``,
@@ -45,6 +52,7 @@ reached at ``ovsdb`` (``unix:<socket>`` or ``tcp:<ip>:<port>``) wherever it is.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import threading
 import typing as t
@@ -52,6 +60,7 @@ import typing as t
 from controllers.api.v1alpha1.network import Segment, parse_broadcast_uri
 
 from . import NetworkError
+from .linuxbridge import VXLAN_OVERHEAD, VXLAN_PORT, vxlan_multicast_group
 
 DEFAULT_OVSDB = "unix:/run/openvswitch/db.sock"
 SEGMENT_KEY = "cumulo-segment"   # Port external_ids key marking the ports this driver plugged
@@ -61,9 +70,27 @@ IFNAMSIZ = 15
 DEFAULT_TIMEOUT = 10.0           # seconds for one OVSDB transaction, including ovs-vswitchd applying it
 
 
-def segment_tag(segment: Segment) -> int | None:
-    """The VLAN tag of a segment's ports on the label bridge (None: untagged). NetworkError for a segment
-    this driver cannot make."""
+@dataclasses.dataclass(frozen=True)
+class SegmentPlan:
+    """What a segment is on an Open vSwitch host."""
+
+    id: str                     # broadcast URI or "untagged": the mark on the segment's ports
+    label: str                  # the traffic-label bridge (uplink, underlay address)
+    bridge: str                 # the OVS bridge ports plug into
+    tag: int | None = None      # VLAN tag of the ports (VLAN segments)
+    vni: int | None = None      # VXLAN segments
+    device: str | None = None   # their kernel VXLAN device, a port of ``bridge``
+    group: str | None = None    # its multicast group
+    mtu: int = 1500
+
+    @property
+    def owned(self) -> bool:
+        """Whether the driver made (and may remove) the bridge: VLAN and untagged ports use the label's."""
+        return self.vni is not None
+
+
+def plan_segment(segment: Segment) -> SegmentPlan:
+    """The plan of ``segment``; NetworkError for a segment this driver cannot make."""
     if segment.vswitch != "openvswitch":
         raise NetworkError(f"segment is for vswitch {segment.vswitch!r}, but this host runs the Open vSwitch driver")
     try:
@@ -73,24 +100,26 @@ def segment_tag(segment: Segment) -> int | None:
     label = segment.traffic_label
     if not label or len(label) > IFNAMSIZ:
         raise NetworkError(f"traffic label {label!r} is not a valid bridge name (1 to {IFNAMSIZ} characters)")
+    mark = segment.broadcast_uri or UNTAGGED
+    if isolation == "VXLAN":
+        assert vnet is not None
+        if not 1 <= vnet <= 0xFFFFFF:
+            raise NetworkError(f"VNI {vnet} is out of range (1-16777215)")
+        bridge = f"brvx-{vnet}"
+        # The API names the label bridge for every Open vSwitch segment; the VXLAN bridge is the driver's own.
+        if segment.bridge not in (label, bridge):
+            raise NetworkError(f"VXLAN segment {mark} plugs into {bridge!r}, not {segment.bridge!r}")
+        return SegmentPlan(id=mark, label=label, bridge=bridge, vni=vnet, device=f"vxlan{vnet}",
+                           group=vxlan_multicast_group(vnet), mtu=segment.mtu)
     if segment.bridge != label:
         raise NetworkError(f"on Open vSwitch a segment's ports plug into the label bridge {label!r}, "
                            f"not {segment.bridge!r}")
-    if isolation == "VXLAN":
-        raise NetworkError(
-            f"VXLAN on the openvswitch backend is not supported yet: segment {segment.broadcast_uri} would need "
-            "point-to-point tunnels to every other host of the network (OVS has no multicast VXLAN), and the "
-            "segment carries no peer addresses; use VLAN isolation or the linuxbridge backend")
     if isolation == "VLAN":
         assert vnet is not None
         if not 1 <= vnet <= 4094:
             raise NetworkError(f"VLAN {vnet} is out of range (1-4094)")
-        return vnet
-    return None
-
-
-def segment_id(segment: Segment) -> str:
-    return segment.broadcast_uri or UNTAGGED
+        return SegmentPlan(id=mark, label=label, bridge=label, tag=vnet, mtu=segment.mtu)
+    return SegmentPlan(id=mark, label=label, bridge=label, mtu=segment.mtu)
 
 
 def choose_datapath_type(datapath_types: t.Iterable[str], kernel_datapath: bool) -> str:
@@ -268,50 +297,7 @@ class OpenVSwitchDriver:
         rows = self._rows("Interface", ("name", "=", name))
         return rows[0] if rows else None
 
-    # -- the NetworkDriver interface ----------------------------------------------------------
-
-    async def bridge_exists(self, name: str) -> bool:
-        return bool(await self._run(lambda: self._bridge(name) is not None))
-
-    async def ensure_segment(self, segment: Segment) -> None:
-        segment_tag(segment)
-        await self._run(lambda: self._ensure(segment))
-
-    def _ensure(self, segment: Segment) -> None:
-        label = segment.traffic_label
-        bridge = self._bridge(label)
-        if bridge is None:
-            raise NetworkError(f"traffic label bridge {label!r} is not an Open vSwitch bridge on this host")
-        [switch] = self._rows("Open_vSwitch")
-        problem = datapath_problem(label, bridge["datapath_type"], switch["datapath_types"], self._kernel())
-        if problem:
-            raise NetworkError(problem)
-
-    async def plug(self, segment: Segment, port: str) -> None:
-        tag = segment_tag(segment)
-        await self._run(lambda: self._plug(segment, tag, port), lock=port)
-
-    def _plug(self, segment: Segment, tag: int | None, port: str) -> None:
-        label = segment.traffic_label
-        self._link_up(port)
-        if self._bridge(label) is None:
-            raise NetworkError(f"traffic label bridge {label!r} is not an Open vSwitch bridge on this host")
-        api = self._ovs()
-        what = f"cannot plug {port!r} into {label!r}"
-        commands = []
-        current = self._port_bridge(port)
-        if current is not None and current != label:
-            commands.append(api.del_port(port, bridge=current, if_exists=True))
-        if current != label:
-            commands.append(api.add_port(label, port, may_exist=False))
-        if tag is None:
-            if current == label:  # a row inserted in this transaction has no tag to clear (nor the column)
-                commands.append(api.db_clear("Port", port, "tag"))
-        else:
-            commands.append(api.db_set("Port", port, ("tag", tag)))
-        commands.append(api.db_set("Port", port, ("external_ids", {SEGMENT_KEY: segment_id(segment)})))
-        commands.append(api.db_set("Interface", port, ("mtu_request", segment.mtu)))
-        self._execute(what, *commands)
+    def _in_datapath_or_fail(self, port: str, what: str) -> None:
         interface = self._interface(port)
         if interface is None:
             raise NetworkError(f"{what}: the port vanished")
@@ -319,43 +305,150 @@ class OpenVSwitchDriver:
             raise NetworkError(f"{what}: Open vSwitch cannot use the interface: "
                                f"{_optional(interface['error']) or 'no OpenFlow port assigned'}")
 
-    async def unplug(self, segment: Segment, port: str) -> None:
-        segment_tag(segment)
-        await self._run(lambda: self._unplug(segment, port), lock=port)
+    def _label_bridge(self, plan: SegmentPlan) -> dict[str, t.Any]:
+        bridge = self._bridge(plan.label)
+        if bridge is None:
+            raise NetworkError(f"traffic label bridge {plan.label!r} is not an Open vSwitch bridge on this host")
+        return bridge
 
-    def _unplug(self, segment: Segment, port: str) -> None:
-        label = segment.traffic_label
-        if self._port_bridge(port) != label:
+    # -- the NetworkDriver interface ----------------------------------------------------------
+
+    async def bridge_exists(self, name: str) -> bool:
+        return bool(await self._run(lambda: self._bridge(name) is not None))
+
+    async def ensure_segment(self, segment: Segment) -> None:
+        plan = plan_segment(segment)
+        await self._run(lambda: self._ensure(plan), lock=plan.bridge)
+
+    def _ensure(self, plan: SegmentPlan) -> None:
+        label = self._label_bridge(plan)
+        [switch] = self._rows("Open_vSwitch")
+        problem = datapath_problem(plan.label, label["datapath_type"], switch["datapath_types"], self._kernel())
+        if problem:
+            raise NetworkError(problem)
+        if plan.vni is None:
+            return  # VLAN and untagged ports go straight onto the label bridge
+        what = f"cannot make segment {plan.id}"
+        self._netlink(what, lambda ipr: self._ensure_vxlan_device(ipr, plan))
+        api = self._ovs()
+        # The segment's bridge runs on the label bridge's datapath: the one this host's switch uses.
+        self._execute(what, api.add_br(plan.bridge, may_exist=True, datapath_type=label["datapath_type"] or None))
+        assert plan.device is not None
+        if self._port_bridge(plan.device) != plan.bridge:
+            self._execute(what, api.del_port(plan.device, if_exists=True),
+                          api.add_port(plan.bridge, plan.device, may_exist=False),
+                          api.db_set("Port", plan.device, ("external_ids", {SEGMENT_KEY: plan.id})))
+        self._in_datapath_or_fail(plan.device, what)
+
+    def _ensure_vxlan_device(self, ipr: t.Any, plan: SegmentPlan) -> None:
+        """The kernel VXLAN device of the segment on the label bridge's internal port (the underlay address)."""
+        indexes = ipr.link_lookup(ifname=plan.label)
+        if not indexes:
+            raise NetworkError(f"traffic label bridge {plan.label!r} has no interface on this host")
+        label = ipr.get_links(indexes[0])[0]
+        if label.get("IFLA_MTU") < plan.mtu + VXLAN_OVERHEAD:
+            raise NetworkError(f"VXLAN segment MTU {plan.mtu} needs {plan.label!r} to have an MTU of at least "
+                               f"{plan.mtu + VXLAN_OVERHEAD}, not {label.get('IFLA_MTU')}")
+        existing = ipr.link_lookup(ifname=plan.device)
+        if existing:
+            device = ipr.get_links(existing[0])[0]
+            info = ("IFLA_LINKINFO", "IFLA_INFO_DATA")
+            if (device.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "vxlan"
+                    or device.get_nested(*info, "IFLA_VXLAN_ID") != plan.vni
+                    or device.get_nested(*info, "IFLA_VXLAN_LINK") != label["index"]
+                    or device.get_nested(*info, "IFLA_VXLAN_GROUP") != plan.group):
+                ipr.link("del", index=existing[0])  # a leftover with other parameters
+                existing = []
+        if not existing:
+            ipr.link("add", ifname=plan.device, kind="vxlan", vxlan_id=plan.vni, vxlan_group=plan.group,
+                     vxlan_link=label["index"], vxlan_port=VXLAN_PORT, vxlan_learning=1, vxlan_ttl=10, mtu=plan.mtu)
+        index = ipr.link_lookup(ifname=plan.device)[0]
+        ipr.link("set", index=index, mtu=plan.mtu, state="up")
+
+    async def plug(self, segment: Segment, port: str) -> None:
+        plan = plan_segment(segment)
+        await self._run(lambda: self._plug(plan, port), lock=plan.bridge)
+
+    def _plug(self, plan: SegmentPlan, port: str) -> None:
+        self._link_up(port)
+        self._label_bridge(plan)
+        if plan.owned and self._bridge(plan.bridge) is None:
+            raise NetworkError(f"bridge {plan.bridge!r} does not exist (segment not ensured)")
+        api = self._ovs()
+        what = f"cannot plug {port!r} into {plan.bridge!r}"
+        commands = []
+        current = self._port_bridge(port)
+        if current is not None and current != plan.bridge:
+            commands.append(api.del_port(port, bridge=current, if_exists=True))
+        if current != plan.bridge:
+            commands.append(api.add_port(plan.bridge, port, may_exist=False))
+        if plan.tag is None:
+            if current == plan.bridge:  # a row inserted in this transaction has no tag to clear (nor the column)
+                commands.append(api.db_clear("Port", port, "tag"))
+        else:
+            commands.append(api.db_set("Port", port, ("tag", plan.tag)))
+        commands.append(api.db_set("Port", port, ("external_ids", {SEGMENT_KEY: plan.id})))
+        commands.append(api.db_set("Interface", port, ("mtu_request", plan.mtu)))
+        self._execute(what, *commands)
+        self._in_datapath_or_fail(port, what)
+
+    async def unplug(self, segment: Segment, port: str) -> None:
+        plan = plan_segment(segment)
+        await self._run(lambda: self._unplug(plan, port), lock=plan.bridge)
+
+    def _unplug(self, plan: SegmentPlan, port: str) -> None:
+        if self._port_bridge(port) != plan.bridge:
             return  # gone already, or moved to another bridge by someone else
         api = self._ovs()
-        self._execute(f"cannot unplug {port!r} from {label!r}", api.del_port(port, bridge=label, if_exists=True))
+        self._execute(f"cannot unplug {port!r} from {plan.bridge!r}",
+                      api.del_port(port, bridge=plan.bridge, if_exists=True))
 
     async def release_segment(self, segment: Segment) -> None:
-        segment_tag(segment)
-        await self._run(lambda: self._release(segment))
+        plan = plan_segment(segment)
+        await self._run(lambda: self._release(plan), lock=plan.bridge)
 
-    def _release(self, segment: Segment) -> None:
-        """Tagged ports live on the label bridge: nothing of the segment's own to remove. Records of its ports
-        whose interface is gone from the host (a guest's tap that died with QEMU) would linger in OVSDB: drop
-        those."""
+    def _release(self, plan: SegmentPlan) -> bool:
+        """Drop the records of the segment's ports whose interface is gone from the host (a guest's tap that
+        died with QEMU); VLAN and untagged segments have nothing else of their own. A VXLAN segment's bridge
+        and device go when no other port is left on the bridge. Whether the segment is gone."""
         api = self._ovs()
-        ports = self._rows("Port", ("external_ids", "=", {SEGMENT_KEY: segment_id(segment)}))
+        what = f"cannot release segment {plan.id}"
+        ports = self._rows("Port", ("external_ids", "=", {SEGMENT_KEY: plan.id}))
         existing = self._existing_links() if ports else set()
-        stale = [port["name"] for port in ports if port["name"] not in existing]
+        stale = [port["name"] for port in ports if port["name"] not in existing and port["name"] != plan.device]
         if stale:
-            self._execute(f"cannot release segment {segment_id(segment)}",
-                          *(api.del_port(name, if_exists=True) for name in stale))
+            self._execute(what, *(api.del_port(name, if_exists=True) for name in stale))
+        if not plan.owned:
+            return True
+        if self._bridge(plan.bridge) is not None:
+            if set(self._ports_of(plan.bridge)) - {plan.bridge, plan.device}:
+                return False
+            self._execute(what, api.del_br(plan.bridge, if_exists=True))
+
+        def delete_device(ipr: t.Any) -> None:
+            for index in ipr.link_lookup(ifname=plan.device):
+                ipr.link("del", index=index)
+
+        self._netlink(what, delete_device)
+        return True
+
+    def _ports_of(self, bridge: str) -> list[str]:
+        row = self._bridge(bridge)
+        if row is None:
+            return []
+        uuids = set(_as_list(row["ports"]))
+        return [port["name"] for port in self._rows("Port") if port["_uuid"] in uuids]
 
     async def ports(self, segment: Segment) -> list[str]:
-        """Ports this driver plugged into the segment (by their ``cumulo-segment`` mark and tag)."""
-        tag = segment_tag(segment)
+        """Ports this driver plugged into the segment (by their ``cumulo-segment`` mark and tag), the segment's
+        own VXLAN device excluded."""
+        plan = plan_segment(segment)
 
         def query() -> list[str]:
-            if self._bridge(segment.traffic_label) is None:
-                return []
-            rows = self._rows("Port", ("external_ids", "=", {SEGMENT_KEY: segment_id(segment)}))
-            return sorted(row["name"] for row in rows if _optional(row["tag"]) == tag
-                          and self._port_bridge(row["name"]) == segment.traffic_label)
+            on_bridge = set(self._ports_of(plan.bridge))
+            rows = self._rows("Port", ("external_ids", "=", {SEGMENT_KEY: plan.id}))
+            return sorted(row["name"] for row in rows if _optional(row["tag"]) == plan.tag
+                          and row["name"] in on_bridge and row["name"] != plan.device)
 
         return t.cast(list[str], await self._run(query))
 
