@@ -50,11 +50,14 @@ def parse_broadcast_uri(uri: str | None) -> tuple[str | None, int | None]:
 
 def guest_bridge(vswitch: str, label: str, uri: str | None) -> str:
     """The bridge a segment's ports plug into on a host (names as CloudStack's KVM scripts make them,
-    kept within Linux's 15 characters). Open vSwitch plugs tagged ports into the label bridge itself."""
+    kept within Linux's 15 characters). Open vSwitch plugs VLAN-tagged ports into the label bridge itself; a
+    VXLAN segment has a bridge of its own on either switch."""
     isolation, vnet = parse_broadcast_uri(uri)
+    if isolation == "VXLAN":
+        return f"brvx-{vnet}"
     if vswitch == "openvswitch" or isolation is None:
         return label
-    return f"brvx-{vnet}" if isolation == "VXLAN" else f"brvlan-{vnet}"
+    return f"brvlan-{vnet}"
 
 
 class Segment(Model):
