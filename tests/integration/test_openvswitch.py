@@ -185,6 +185,14 @@ def test_vlan_segments_connect_across_hosts_and_stay_apart(ovs_lab: NetLab) -> N
     print(f"lab of two OVS hosts ready in {lab_ready:.2f}s, whole test {time.monotonic() - started:.1f}s")
 
 
+async def segments_of(host: LabHost) -> list[Segment]:
+    network = driver(host)
+    try:
+        return await network.segments()
+    finally:
+        await network.close()
+
+
 def test_vxlan_segments_on_ovs_hosts_interoperate_with_linux_bridge_hosts(ovs_lab: NetLab) -> None:
     from hostagent.drivers.network.linuxbridge import LinuxBridgeDriver
 
@@ -221,6 +229,8 @@ def test_vxlan_segments_on_ovs_hosts_interoperate_with_linux_bridge_hosts(ovs_la
     assert tcp_transfer(ovs_lab, made["a1"], made["a2"]) == 1_000_000
     assert tcp_transfer(ovs_lab, made["a2"], made["a3"]) == 1_000_000
     assert made["b2"].ping(made["b3"], wait=3)
+    assert [(s.broadcast_uri, s.bridge, s.traffic_label, s.mtu) for s in asyncio.run(segments_of(h2))] == [
+        ("vxlan://5001", "brvx-5001", "cloudbr0", 1450), ("vxlan://5002", "brvx-5002", "cloudbr0", 1450)]
     assert not made["a2"].ping(made["b2"], wait=1), "another VNI on the same host"
     assert not made["a1"].ping(made["b3"], wait=1), "another VNI across hosts"
 
@@ -241,6 +251,7 @@ def test_vxlan_segments_on_ovs_hosts_interoperate_with_linux_bridge_hosts(ovs_la
     for host in (h1, h2):
         assert ovs.lab_switch(host.netns).bridges() == ["cloudbr0", "cloudbr1"]
         assert "vxlan" not in host.exec(["ip", "-o", "link"]).stdout
+        assert asyncio.run(segments_of(host)) == []
 
 
 def test_ports_whose_interface_died_are_released_and_errors_are_clear(ovs_lab: NetLab) -> None:

@@ -33,11 +33,12 @@ def test_vlan_segments_are_tags_on_the_label_bridge() -> None:
 
 
 def test_vxlan_segments_get_a_bridge_and_kernel_device_of_their_own() -> None:
-    plan = plan_segment(segment("vxlan://5001"))  # the API names the label bridge
+    plan = plan_segment(segment("vxlan://5001"))
     assert plan == SegmentPlan(id="vxlan://5001", label="cloudbr0", bridge="brvx-5001", vni=5001,
                                device="vxlan5001", group="239.0.19.137")
     assert plan.group == vxlan_multicast_group(5001) and plan.owned  # the same group as Linux bridge hosts
-    assert plan_segment(segment("vxlan://5001", bridge="brvx-5001")).bridge == "brvx-5001"
+    assert segment("vxlan://5001").bridge == "brvx-5001"
+    assert plan_segment(segment("vxlan://5001", bridge="cloudbr0")).bridge == "brvx-5001"  # objects of before
     assert len(plan_segment(segment("vxlan://16777215")).device or "") <= 15
 
 

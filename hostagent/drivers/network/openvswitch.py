@@ -26,9 +26,8 @@ A segment on a host:
   Why not OVS's own VXLAN ports: they are point-to-point (``options:remote_ip``; OVS has no multicast
   flood-and-learn), so the driver would need the underlay addresses of every other host of the network, which a
   Segment does not carry. The kernel device needs none, and Open vSwitch and Linux bridge hosts share VXLAN
-  segments on the wire. The API's segment names the label bridge for every Open vSwitch segment; the driver
-  plugs VXLAN ports into ``brvx-<vni>`` (the name the Linux bridge backend uses too) and removes bridge and
-  device in :meth:`OpenVSwitchDriver.release_segment` once no other port is left on the bridge.
+  segments on the wire. :meth:`OpenVSwitchDriver.release_segment` removes bridge and device once no other port
+  is left on the bridge; :meth:`OpenVSwitchDriver.segments` finds them again after an agent restart.
 
 Ports the driver plugs carry ``external_ids:cumulo-segment=<broadcast URI or "untagged">``, so what the agent
 plugged is told apart from the host's own ports (the uplink, the bridge's internal port).
@@ -413,7 +412,9 @@ class OpenVSwitchDriver:
         and device go when no other port is left on the bridge. Whether the segment is gone."""
         api = self._ovs()
         what = f"cannot release segment {plan.id}"
-        ports = self._rows("Port", ("external_ids", "=", {SEGMENT_KEY: plan.id}))
+        # Every marked port, not only this segment's: the agent tracks VLAN segments by bridge, which all VLANs
+        # of a label share, and a port whose interface is gone is dead whatever its segment.
+        ports = [port for port in self._rows("Port") if SEGMENT_KEY in (port["external_ids"] or {})]
         existing = self._existing_links() if ports else set()
         stale = [port["name"] for port in ports if port["name"] not in existing and port["name"] != plan.device]
         if stale:
@@ -451,6 +452,34 @@ class OpenVSwitchDriver:
                           and row["name"] in on_bridge and row["name"] != plan.device)
 
         return t.cast(list[str], await self._run(query))
+
+    async def segments(self) -> list[Segment]:
+        """The VXLAN segments present on the host (bridges ``brvx-<vni>`` holding their marked device), rebuilt
+        from OVSDB and the kernel: what an agent that restarted may have to release. VLAN and untagged segments
+        own nothing to release."""
+
+        def query() -> list[Segment]:
+            devices = {port["name"]: port["external_ids"][SEGMENT_KEY] for port in self._rows("Port")
+                       if str((port["external_ids"] or {}).get(SEGMENT_KEY, "")).startswith("vxlan://")}
+
+            def links(ipr: t.Any) -> dict[str, t.Any]:
+                every = {link["index"]: link for link in ipr.get_links()}
+                return {link.get("IFLA_IFNAME"): (link, every) for link in every.values()}
+
+            kernel = self._netlink("cannot list interfaces", links) if devices else {}
+            found = []
+            for name, uri in devices.items():
+                _, vni = parse_broadcast_uri(uri)
+                if name != f"vxlan{vni}" or name not in kernel or self._port_bridge(name) != f"brvx-{vni}":
+                    continue
+                link, every = kernel[name]
+                label = every.get(link.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA", "IFLA_VXLAN_LINK"))
+                if label is not None:
+                    found.append(Segment(vswitch="openvswitch", traffic_label=label.get("IFLA_IFNAME"),
+                                         broadcast_uri=uri, bridge=f"brvx-{vni}", mtu=link.get("IFLA_MTU")))
+            return sorted(found, key=lambda segment: segment.bridge)
+
+        return t.cast(list[Segment], await self._run(query))
 
     async def close(self) -> None:
         connection, self._connection, self._api = self._connection, None, None
