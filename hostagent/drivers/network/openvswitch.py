@@ -37,8 +37,8 @@ empty default). Machines without the ``openvswitch`` kernel module (as the test 
 userspace datapath, ``netdev``. The label bridges belong to the host's configuration (the driver's own VXLAN
 bridges take the label bridge's datapath); :meth:`OpenVSwitchDriver.ensure_segment` checks the label bridge's
 datapath against what the host can do, with a clear error when it cannot work: ``Open_vSwitch.datapath_types``
-says what the ``ovs-vswitchd`` binary supports (it lists ``system`` even where the kernel has no module), and the kernel has
-the datapath when its generic netlink family ``ovs_datapath`` exists. :func:`choose_datapath_type` is the rule
+says what the ``ovs-vswitchd`` binary supports (it lists ``system`` even where the kernel has no module), and
+the kernel has the datapath when its generic netlink family ``ovs_datapath`` exists. :func:`choose_datapath_type` is the rule
 for whoever makes a host's bridges: ``system`` where the kernel has it, else ``netdev``. With ``netdev``,
 namespace-side veths plugged into the bridge need TX checksum offload off (``ethtool -K <dev> tx off``) or
 their TCP/UDP leaves with unfilled checksums; the side that makes such a veth (a router, a netns guest) does
