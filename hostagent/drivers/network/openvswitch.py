@@ -32,17 +32,16 @@ A segment on a host:
 Ports the driver plugs carry ``external_ids:cumulo-segment=<broadcast URI or "untagged">``, so what the agent
 plugged is told apart from the host's own ports (the uplink, the bridge's internal port).
 
-Datapath. Production hosts run the OVS kernel datapath: their bridges are ``datapath_type=system`` (OVSDB's
-empty default). Machines without the ``openvswitch`` kernel module (as the test machines) can only use the
-userspace datapath, ``netdev``. The label bridges belong to the host's configuration (the driver's own VXLAN
-bridges take the label bridge's datapath); :meth:`OpenVSwitchDriver.ensure_segment` checks the label bridge's
-datapath against what the host can do, with a clear error when it cannot work: ``Open_vSwitch.datapath_types``
-says what the ``ovs-vswitchd`` binary supports (it lists ``system`` even where the kernel has no module), and
-the kernel has the datapath when its generic netlink family ``ovs_datapath`` exists. :func:`choose_datapath_type` is the rule
-for whoever makes a host's bridges: ``system`` where the kernel has it, else ``netdev``. With ``netdev``,
-namespace-side veths plugged into the bridge need TX checksum offload off (``ethtool -K <dev> tx off``) or
-their TCP/UDP leaves with unfilled checksums; the side that makes such a veth (a router, a netns guest) does
-that.
+Datapath. Production hosts run the OVS kernel datapath: their bridges are ``datapath_type=system`` (OVSDB's empty
+default). Machines without the ``openvswitch`` kernel module (as the test machines) can only use the userspace
+datapath, ``netdev``. The label bridges belong to the host's configuration (the driver's own VXLAN bridges take the
+label bridge's datapath); :meth:`OpenVSwitchDriver.ensure_segment` checks the label bridge's datapath against what
+the host can do, with a clear error when it cannot work: ``Open_vSwitch.datapath_types`` says what the
+``ovs-vswitchd`` binary supports (it lists ``system`` even where the kernel has no module), and the kernel has the
+datapath when its generic netlink family ``ovs_datapath`` exists. :func:`choose_datapath_type` is the rule for
+whoever makes a host's bridges: ``system`` where the kernel has it, else ``netdev``. With ``netdev``, namespace-side
+veths plugged into the bridge need TX checksum offload off (``ethtool -K <dev> tx off``) or their TCP/UDP leaves
+with unfilled checksums; the side that makes such a veth (a router, a netns guest) does that.
 
 ``netns``: interfaces (ports) are looked up and brought up in the host's network namespace; the database is
 reached at ``ovsdb`` (``unix:<socket>`` or ``tcp:<ip>:<port>``) wherever it is.
