@@ -207,6 +207,14 @@ def test_virtual_router_on_a_lab_host(netlab: NetLab, agents, kube, control_plan
     unknown = stranger.exec(["busybox", "udhcpc", "-n", "-q", "-i", "eth0", "-t", "2", "-T", "1", "-s", "/bin/true"],
                             check=False)
     assert unknown.returncode != 0, "a MAC without lease got an address"
+    # A new lease: dnsmasq re-reads its hosts files (SIGHUP), keeps running, and serves the new guest.
+    stranger_mac = stranger.exec(["cat", "/sys/class/net/eth0/address"]).stdout.strip()
+    leases.append({"macAddress": stranger_mac, "ipAddress": "10.1.1.13", "hostname": "g3"})
+    node = router.applied(router.patch_spec({"leases": leases}))
+    assert node["dnsmasqPid"] == pid, "dnsmasq was restarted for a new lease"
+    known = stranger.exec(["busybox", "udhcpc", "-n", "-q", "-i", "eth0", "-t", "5", "-T", "1", "-s", "/bin/true"],
+                          check=False)
+    assert "lease of 10.1.1.13 obtained" in known.stderr + known.stdout, known
     for query in ("g2", "g2.cloud.internal"):
         answer = guests["g1"].ns.exec(["busybox", "nslookup", query, ROUTER_GUEST], check=False).stdout
         assert f"Address: {GUESTS['g2'][1]}" in answer, answer
