@@ -174,7 +174,8 @@ def build_workers(agent: Agent) -> list[HostWorker]:
                                      call_timeout=config.call_timeout)
         else:
             from .drivers.hypervisor.libvirt import LibvirtDriver  # libvirt-python only where it is used
-            hypervisor = LibvirtDriver(config.libvirt_uri, config.virt_type, call_timeout=config.call_timeout)
+            hypervisor = LibvirtDriver(config.libvirt_uri, config.virt_type, call_timeout=config.call_timeout,
+                                       network=network)
         storage = shared_storage if shared_storage is not None else SimulatorStorageDriver(
             faults or FaultInjector(), capacity_bytes=config.sim_storage_bytes, call_timeout=config.call_timeout,
             disk_sizes=disk_sizes)

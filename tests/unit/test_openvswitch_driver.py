@@ -86,3 +86,21 @@ def test_private_switch_paths(tmp_path) -> None:
     assert not switch.running
     with pytest.raises(ValueError, match="too long for a Unix socket path"):
         ovs.PrivateOpenVSwitch("h1", "/" + "x" * 120)
+
+
+def test_libvirt_interface_of_an_open_vswitch_nic() -> None:
+    import xml.etree.ElementTree as ET
+
+    from hostagent.drivers.hypervisor import NicDevice
+    from hostagent.drivers.hypervisor.domainxml import AGENT_PLUGGED, interface_element
+
+    nic = NicDevice(mac="02:00:00:00:00:31", segment=segment("vlan://100"), device_id=0, port="vn1234abcd0")
+    element = interface_element(nic)
+    assert element.get("type") == "ethernet"  # libvirt makes the tap; the agent plugs it with the tag
+    assert element.find("virtualport") is None and element.find("source") is None
+    assert element.find("target").get("dev") == "vn1234abcd0"
+    assert element.find("mac").get("address") == "02:00:00:00:00:31"
+    host = element.find("driver/host")
+    assert host is not None and host.get("csum") == host.get("tso4") == host.get("gso") == "off"
+    assert "openvswitch" in AGENT_PLUGGED and "linuxbridge" not in AGENT_PLUGGED
+    assert ET.tostring(element, encoding="unicode").startswith('<interface type="ethernet">')

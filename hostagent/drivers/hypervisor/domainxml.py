@@ -23,7 +23,8 @@ The shape, and why:
   security groups and the netns driver name ports the same way. How a tap reaches its segment depends on the
   virtual switch: :data:`INTERFACE_RENDERERS` maps ``Segment.vswitch`` to a renderer; the Linux bridge one is
   ``type='bridge'`` with the segment's bridge (libvirt plugs the tap; the agent ensured the bridge before the
-  start). Open vSwitch registers its own (``virtualport`` or ``type='ethernet'`` plus a plug by the driver).
+  start). Open vSwitch's is ``type='ethernet'`` (libvirt makes the tap, the agent's network driver plugs it:
+  :func:`openvswitch_interface`).
 * ``on_poweroff``/``on_crash`` ``destroy``: domains are transient; a stopped guest leaves no domain behind.
 """
 
@@ -94,8 +95,26 @@ def linuxbridge_interface(nic: NicDevice) -> ET.Element:
     return _interface_common(element, nic)
 
 
-INTERFACE_RENDERERS: dict[str, t.Callable[[NicDevice], ET.Element]] = {"linuxbridge": linuxbridge_interface}
+def openvswitch_interface(nic: NicDevice) -> ET.Element:
+    """``type='ethernet'``: libvirt makes the tap and plugs it nowhere; the agent's Open vSwitch driver has it on
+    the segment (tag included) before and after the start (:data:`AGENT_PLUGGED`). Not libvirt's
+    ``<virtualport type='openvswitch'/>``: libvirt would run ``ovs-vsctl`` against the default database, not the
+    switch the agent was given (a simulated host's private one), and without the tag. The guest does its own
+    checksums and segmentation (host offloads off): OVS's userspace datapath forwards frames as the tap hands
+    them over, so partial checksums and 64 KiB GSO frames would reach the wire as they are."""
+    element = ET.Element("interface", {"type": "ethernet"})
+    _interface_common(element, nic)
+    driver = _sub(element, "driver")
+    _sub(driver, "host", csum="off", gso="off", tso4="off", tso6="off", ecn="off", ufo="off")
+    return element
+
+
+INTERFACE_RENDERERS: dict[str, t.Callable[[NicDevice], ET.Element]] = {"linuxbridge": linuxbridge_interface,
+                                                                      "openvswitch": openvswitch_interface}
 """``Segment.vswitch`` -> the ``<interface>`` of a NIC on it; see the module docstring."""
+
+AGENT_PLUGGED = frozenset({"openvswitch"})
+"""Virtual switches whose taps libvirt leaves unplugged: the hypervisor driver plugs them (network driver)."""
 
 
 def interface_element(nic: NicDevice) -> ET.Element:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import datetime
 import logging
 import typing as t
@@ -25,6 +26,7 @@ import libvirt
 
 from controllers.api.v1alpha1.common import HypervisorType
 
+from ..network import NetworkDriver, NetworkError
 from . import (DiskDevice, Domain, DomainDescription, DomainState, HostFacts, HypervisorError, domainxml,
                version_string)
 
@@ -109,12 +111,14 @@ class LibvirtDriver:
     hypervisor_type = HypervisorType.KVM
     local_files = True
 
-    def __init__(self, uri: str = DEFAULT_URI, virt_type: str = "qemu", *, call_timeout: float = 30.0) -> None:
+    def __init__(self, uri: str = DEFAULT_URI, virt_type: str = "qemu", *, call_timeout: float = 30.0,
+                 network: NetworkDriver | None = None) -> None:
         if virt_type not in VIRT_TYPES:
             raise ValueError(f"virt type must be one of {', '.join(VIRT_TYPES)}, not {virt_type!r}")
         self.uri = uri
         self.virt_type = virt_type
         self.call_timeout = call_timeout
+        self.network = network  # plugs the taps of Open vSwitch NICs (libvirt plugs Linux bridge ones itself)
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="libvirt")
         self._connection: libvirt.virConnect | None = None
         self._hung: tuple[concurrent.futures.Future[t.Any], str, str] | None = None
@@ -219,8 +223,34 @@ class LibvirtDriver:
                 return _describe(existing)  # started by an earlier call that timed out on our side
             return _describe(connection.createXML(xml, 0))
 
+        await self._plug(description, prepare=True)
         result: Domain = await self._call("start", create)
+        try:
+            await self._plug(description)
+        except HypervisorError:
+            with contextlib.suppress(HypervisorError):
+                await self.destroy(description.uuid)  # a guest must not run cut off from its network
+            raise
         return result
+
+    async def _plug(self, description: DomainDescription, prepare: bool = False) -> None:
+        """Taps libvirt leaves unplugged (:data:`domainxml.AGENT_PLUGGED`: Open vSwitch) go into their segment
+        through the network driver: recorded before the start where the driver can (``prepare_port``: the
+        switch opens the tap the moment libvirt makes it, and the record outlives an agent crash), checked
+        after it (``plug`` is idempotent)."""
+        for nic in description.nics:
+            if nic.segment.vswitch not in domainxml.AGENT_PLUGGED:
+                continue
+            if self.network is None:
+                raise HypervisorError(f"NIC {nic.device_id}: a {nic.segment.vswitch} segment needs the agent's "
+                                      "network driver to plug the guest's tap")
+            step = getattr(self.network, "prepare_port", None) if prepare else self.network.plug
+            if step is None:
+                continue
+            try:
+                await step(nic.segment, nic.port)
+            except NetworkError as error:
+                raise HypervisorError(f"NIC {nic.device_id}: {error}") from None
 
     async def _on_domain(self, what: str, uuid: str, action: t.Callable[[libvirt.virDomain], t.Any],
                          ignore: tuple[int, ...] = ALREADY) -> None:

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import threading
 import typing as t
@@ -157,6 +158,18 @@ def kernel_has_datapath() -> bool:
     finally:
         genl.close()
     return True
+
+
+class _QuietInterfaceChecks(logging.Filter):
+    """ovsdbapp logs a traceback when a port it added has no OpenFlow port yet; the driver checks that itself
+    (with the switch's reason), and :meth:`OpenVSwitchDriver.prepare_port` adds ports before their interface
+    exists on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and type(record.exc_info[1]).__name__ == "VswitchdInterfaceAddException")
+
+
+logging.getLogger("ovsdbapp.schema.open_vswitch.impl_idl").addFilter(_QuietInterfaceChecks())
 
 
 def _optional(value: t.Any) -> t.Any:
@@ -367,8 +380,17 @@ class OpenVSwitchDriver:
         plan = plan_segment(segment)
         await self._run(lambda: self._plug(plan, port), lock=plan.bridge)
 
-    def _plug(self, plan: SegmentPlan, port: str) -> None:
-        self._link_up(port)
+    async def prepare_port(self, segment: Segment, port: str) -> None:
+        """Record ``port`` on the segment, with its tag, before its interface exists: ``ovs-vswitchd`` opens
+        the interface the moment it appears (libvirt makes a guest's tap when the domain starts), so the guest
+        is never up unplugged or untagged, and an agent that dies at any point leaves nothing half done (the
+        record is in OVSDB, which outlives the agent). :meth:`plug` afterwards checks the port works."""
+        plan = plan_segment(segment)
+        await self._run(lambda: self._plug(plan, port, prepare=True), lock=plan.bridge)
+
+    def _plug(self, plan: SegmentPlan, port: str, prepare: bool = False) -> None:
+        if not prepare:
+            self._link_up(port)
         self._label_bridge(plan)
         if plan.owned and self._bridge(plan.bridge) is None:
             raise NetworkError(f"bridge {plan.bridge!r} does not exist (segment not ensured)")
@@ -388,7 +410,8 @@ class OpenVSwitchDriver:
         commands.append(api.db_set("Port", port, ("external_ids", {SEGMENT_KEY: plan.id})))
         commands.append(api.db_set("Interface", port, ("mtu_request", plan.mtu)))
         self._execute(what, *commands)
-        self._in_datapath_or_fail(port, what)
+        if not prepare:
+            self._in_datapath_or_fail(port, what)
 
     async def unplug(self, segment: Segment, port: str) -> None:
         plan = plan_segment(segment)
