@@ -5,13 +5,15 @@ nothing), then checks each piece and changes only what differs from the spec:
 
 1. the owner record ``router.json`` (written before anything exists, so a router can always be traced to
    its VirtualRouter and its segments unplugged);
-2. the namespace and its sysctls (``ip_forward=1``, IPv6 off);
-3. per interface: the segment (``ensure_segment``), the veth pair, the host side plugged into the segment,
+2. the namespace;
+3. nftables: the digest in the table's comment against the rendered one; loaded only when they differ (before
+   forwarding is on, so a new router never forwards unfiltered);
+4. sysctls (``ip_forward=1``, IPv6 off);
+5. per interface: the segment (``ensure_segment``), the veth pair, the host side plugged into the segment,
    the router side's MAC, MTU and addresses, TX checksum offload off (OVS netdev drops packets whose
    checksum a veth left to "hardware");
-4. the default route via ``publicGateway``;
-5. nftables: the digest in the table's comment against the rendered one; loaded only when they differ;
-6. dnsmasq: the digests of what the running dnsmasq loaded (``dnsmasq.loaded``, written after each start or
+6. the default route via ``publicGateway``;
+7. dnsmasq: the digests of what the running dnsmasq loaded (``dnsmasq.loaded``, written after each start or
    reload) against the rendered files: restart for a new configuration, SIGHUP for new hosts files,
    nothing otherwise; started when not running (pidfile, then ``/proc/<pid>`` must be a live dnsmasq with
    this configuration in this namespace).
@@ -161,23 +163,23 @@ class RouterRuntime:
     def paths(self, network_uid: str) -> dnsmasq.Paths:
         return dnsmasq.Paths(self.directory(network_uid))
 
+    def owner(self, network_uid: str) -> Owner | None:
+        """The owner record of a router directory (None: missing or unreadable)."""
+        raw = _read(os.path.join(self.root, network_uid, RECORD))
+        if raw is None:
+            return None
+        try:
+            return Owner(**json.loads(raw))
+        except (TypeError, ValueError):
+            return None
+
     def owners(self) -> list[tuple[str, Owner | None]]:
-        """(network uid, owner record or None when unreadable) of every router directory."""
+        """(network uid, owner record or None) of every router directory."""
         try:
             entries = sorted(os.listdir(self.root))
         except FileNotFoundError:
             return []
-        found = []
-        for entry in entries:
-            raw = _read(os.path.join(self.root, entry, RECORD))
-            owner = None
-            if raw is not None:
-                try:
-                    owner = Owner(**json.loads(raw))
-                except (TypeError, ValueError):
-                    owner = None
-            found.append((entry, owner))
-        return found
+        return [(entry, self.owner(entry)) for entry in entries]
 
     def namespaces(self) -> list[str]:
         """The router namespaces of this host that exist."""
@@ -224,17 +226,25 @@ class RouterRuntime:
         except (nftables.RulesetError, dnsmasq.DnsmasqConfigError) as error:
             raise RouterError(str(error)) from None
         changed: list[str] = []
-        os.makedirs(paths.directory, mode=0o700, exist_ok=True)
-        previous = dict(self.owners()).get(uid_net)
         owner = Owner(namespace=namespace, name=name, uid=uid, host=spec.host, network_uid=uid_net, netns=netns,
                       host_netns=self.host_netns, guest_segment=_segment_json(spec.guest),
                       public_segment=_segment_json(spec.public))
-        record = json.dumps(dataclasses.asdict(owner), indent=1, sort_keys=True)
-        if _read(os.path.join(paths.directory, RECORD)) != record:
-            await asyncio.to_thread(_write, os.path.join(paths.directory, RECORD), record)
         try:
+            os.makedirs(paths.directory, mode=0o700, exist_ok=True)
+            previous = self.owner(uid_net)
+            # Until the interfaces have moved, the record keeps the segments they are plugged into (a failed
+            # apply retried later must still release the old ones).
+            await self._record(paths, dataclasses.replace(owner, guest_segment=previous.guest_segment,
+                                                          public_segment=previous.public_segment)
+                               if previous is not None else owner)
             if await asyncio.to_thread(links.ensure_netns, netns):
                 changed.append("namespace")
+            # The ruleset first: a new router never forwards (ip_forward) before its firewall is in place.
+            if await self.ruleset_digest(netns) != ruleset.digest:
+                path = os.path.join(paths.directory, RULESET)
+                await asyncio.to_thread(_write, path, ruleset.text)
+                await self._in(netns, ["nft", "-f", path], "nft -f")
+                changed.append("nftables")
             if await self._sysctls(netns):
                 changed.append("sysctl")
             guest_port, public_port = host_veths(uid_net)
@@ -243,14 +253,10 @@ class RouterRuntime:
                 old = getattr(previous, "guest_segment" if ifname == GUEST_IFNAME else "public_segment", None)
                 if await self._interface(netns, interface, port, ifname, old, network):
                     changed.append(ifname)
+            await self._record(paths, owner)
             gateway = spec.public_gateway if spec.public is not None else None
             if await asyncio.to_thread(links.ensure_default_route, netns, gateway, PUBLIC_IFNAME):
                 changed.append("route")
-            if await self.ruleset_digest(netns) != ruleset.digest:
-                path = os.path.join(paths.directory, RULESET)
-                await asyncio.to_thread(_write, path, ruleset.text)
-                await self._in(netns, ["nft", "-f", path], "nft -f")
-                changed.append("nftables")
             pid, what = await self._dnsmasq(netns, paths, files)
             if what:
                 changed.append(what)
@@ -258,6 +264,12 @@ class RouterRuntime:
             raise RouterError(str(error)) from None
         warnings = ruleset.warnings + (files.warnings if files is not None else ())
         return Applied(netns, pid, warnings, changed)
+
+    async def _record(self, paths: dnsmasq.Paths, owner: Owner) -> None:
+        record = json.dumps(dataclasses.asdict(owner), indent=1, sort_keys=True)
+        path = os.path.join(paths.directory, RECORD)
+        if _read(path) != record:
+            await asyncio.to_thread(_write, path, record)
 
     async def _interface(self, netns: str, interface: RouterInterface | None, port: str, ifname: str,
                          old_segment: dict[str, t.Any] | None, network: NetworkDriver) -> bool:
@@ -290,27 +302,35 @@ class RouterRuntime:
     # -- dnsmasq -------------------------------------------------------------------------------------
 
     def dnsmasq_pid(self, netns: str, paths: dnsmasq.Paths) -> int | None:
-        """The PID of this router's running dnsmasq: the pidfile names a live dnsmasq started with this
-        configuration, in this namespace."""
+        """The PID of this router's running dnsmasq: a live dnsmasq started with this configuration, in this
+        namespace, named by the pidfile (or, the pidfile lost, found among the namespace's processes)."""
         raw = _read(paths.pidfile)
         try:
             pid = int((raw or "").strip())
         except ValueError:
-            return None
+            pid = 0
+        if pid and self._is_dnsmasq(pid, netns, paths):
+            return pid
+        # A lost pidfile: look for it among the namespace's processes rather than start a second one.
+        for candidate in _netns_processes(netns):
+            if self._is_dnsmasq(candidate, netns, paths):
+                return candidate
+        return None
+
+    @staticmethod
+    def _is_dnsmasq(pid: int, netns: str, paths: dnsmasq.Paths) -> bool:
         if not _alive(pid):
-            return None
+            return False
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as file:
                 argv = file.read().decode(errors="replace").split("\0")
             process_netns = os.stat(f"/proc/{pid}/ns/net")
         except OSError:
-            return None
+            return False
         target = links.netns_inode(netns)
         if not argv or os.path.basename(argv[0]) != "dnsmasq" or f"--conf-file={paths.config}" not in argv:
-            return None
-        if target is None or process_netns.st_ino != target:
-            return None
-        return pid
+            return False
+        return target is not None and process_netns.st_ino == target
 
     async def _dnsmasq(self, netns: str, paths: dnsmasq.Paths, files: dnsmasq.Files | None) -> tuple[int | None, str]:
         """Converge dnsmasq; (its PID, what was done or '')."""
