@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import typing as t
+from pathlib import Path
 
 import pytest
 
@@ -323,3 +324,96 @@ def test_agent_reports_its_ovs_label_bridges(ovs_lab: NetLab, system_namespace, 
     # The switch sees a bridge come: the report follows within a check interval.
     ovs.lab_switch(h1.netns).add_bridge("cloudbr9")
     wait_for(lambda: cloud.node(host)["bridges"]["cloudbr9"] is True, timeout=10, what="cloudbr9 reported")
+
+
+def vlan_nic(vlan: int, mac: str, ip: str, cidr: str) -> dict[str, t.Any]:
+    """A launch NIC on VLAN ``vlan`` of an Open vSwitch physical network (what the controller would write)."""
+    return {"network": f"ns/vlan{vlan}", "deviceId": 0, "macAddress": mac, "ipAddress": ip, "cidr": cidr,
+            "gateway": cidr.replace("0/24", "1"), "bridge": "cloudbr0", "broadcastUri": f"vlan://{vlan}",
+            "vswitch": "openvswitch", "trafficLabel": "cloudbr0", "mtu": 1500, "default": True}
+
+
+@pytest.mark.timeout(300)
+def test_real_guest_on_an_open_vswitch_vlan(ovs_lab: NetLab, system_namespace, kube, control_plane, agents,
+                                            libvirtd_factory, tmp_path) -> None:
+    """A booted guest (libvirt/QEMU TCG) on an OVS host: libvirt makes its tap, the agent has it on cloudbr0 with
+    the VLAN tag; it leases its address from a dnsmasq on the other OVS host over the tagged underlay and answers
+    HTTP from a netns guest there. The agent killed and restarted adopts it with the plumbing untouched."""
+    import shutil
+    import uuid
+
+    pytest.register_assert_rewrite("netguests")
+    from netguests import Guests, guest_addr, http
+
+    from cumulo import guestimage
+    from hostagent.drivers.hypervisor.netns import guest_netns
+
+    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils")):
+        if shutil.which(tool) is None:
+            pytest.skip(reason=f"{tool} is not installed (Debian package {package}; run hack/install-system-deps)")
+    guest = guestimage.ensure_tiny_guest(log=lambda message: print(f"[tiny guest] {message}"))
+    started = time.monotonic()
+    h1, h2 = ovs_lab.add_host("h1", vswitch="openvswitch"), ovs_lab.add_host("h2", vswitch="openvswitch")
+    daemon = libvirtd_factory(netns=h1.netns)
+    host1, host2 = unique("lv1"), unique("lv2")
+    common = ["--network-driver", "openvswitch", "--storage-driver", "simulator", "--vm-resync", "2",
+              "--heartbeat-interval", "2", "--lease-duration", "10"]
+    agent1_args = [host1, "--host", host1, "--hypervisor", "libvirt", "--libvirt-uri", daemon.uri, "--host-netns",
+                   h1.netns, "--ovsdb", ovs.lab_switch(h1.netns).db_url, "--state-dir", str(tmp_path / "a1"),
+                   *common]
+    agent1 = agents.start(*agent1_args)
+    agents.start(host2, "--host", host2, "--hypervisor", "netns", "--host-netns", h2.netns, "--ovsdb",
+                 ovs.lab_switch(h2.netns).db_url, "--state-dir", str(tmp_path / "a2"), *common)
+    vlan, cidr = 300 + int(uuid.uuid4().hex[:2], 16), "10.64.0.0/24"
+    vm_mac, peer_mac = f"02:00:00:{uuid.uuid4().hex[:2]}:00:31", f"02:00:00:{uuid.uuid4().hex[:2]}:00:32"
+
+    # The network's DHCP server: dnsmasq in a namespace on h2, its port tagged like the guests'.
+    server = ovs_lab.add_namespace("dhcp", host=h2, port="dhcp0", address="10.64.0.1/24")
+    ovs.disable_tx_offload(server.netns, "eth0")
+    network = driver(h2)
+    try:
+        asyncio.run(network.plug(vlan_segment(vlan), "dhcp0"))
+    finally:
+        asyncio.run(network.close())
+    with open(tmp_path / "dnsmasq.log", "w") as log:
+        server.popen(["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces",
+                      "--interface=eth0", "--except-interface=lo", "--leasefile-ro", "--pid-file=", "--port=0",
+                      "--dhcp-range=10.64.0.1,static,255.255.255.0,1h", "--log-dhcp",
+                      f"--dhcp-host={vm_mac},10.64.0.31", f"--dhcp-host={peer_mac},10.64.0.32"],
+                     stdout=log, stderr=subprocess.STDOUT)
+
+    guests = Guests(kube, control_plane)
+    root = tmp_path / "root.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", guest.disk_format, "-b", str(guest.disk),
+                    str(root)], check=True)
+    disk = {"volume": "lv-root", "device": "vda", "pool": "p", "poolType": "Filesystem", "path": str(root),
+            "format": "qcow2", "sizeBytes": guest.disk_virtual_size}
+    uid = guests.create("lv", host1, [vlan_nic(vlan, vm_mac, "10.64.0.31", cidr)],
+                        extra={"disks": [disk], "kernelPath": str(guest.kernel), "initrdPath": str(guest.initrd),
+                               "kernelCmdline": guest.cmdline, "memoryMiB": guest.min_memory_mib})
+    peer = guest_netns(h2.netns, guests.create("peer", host2, [vlan_nic(vlan, peer_mac, "10.64.0.32", cidr)]))
+
+    node = wait_for(lambda: (n := guests.node("lv")).get("domainState") == "running" and n, timeout=60,
+                    what="the libvirt guest running")
+    tap, switch = f"vn{uid.replace('-', '')[:8]}0", ovs.lab_switch(h1.netns)
+    assert tap in switch.ports("cloudbr0") and switch.vsctl("get", "Port", tap, "tag").strip() == str(vlan)
+    assert switch.vsctl("get", "Interface", tap, "ofport").strip() not in ("-1", "[]")
+    console = Path(node["consoleLog"])
+    wait_for(lambda: "CUMULO ip eth0 10.64.0.31" in console.read_text(errors="replace"), timeout=180, interval=1,
+             what="the guest's DHCP lease on its console")
+    booted = time.monotonic() - started
+    wait_for(lambda: "10.64.0.32/24" in guest_addr(ovs_lab, peer), timeout=30, what="the netns peer leased")
+    answer = wait_for(lambda: http(ovs_lab, peer, "http://10.64.0.31/", timeout=5), timeout=60, interval=1,
+                      what="the real guest's HTTP answer")
+    assert "lv" in answer
+
+    # The agent dies and comes back: the guest is adopted, its tap stays tagged, traffic flows throughout.
+    agent1.kill()
+    assert http(ovs_lab, peer, "http://10.64.0.31/", timeout=5)
+    agents.start(*agent1_args)
+    wait_for(lambda: "adopted running domain" in agent1.log(), timeout=30,  # both lives log to one file
+             what="the restarted agent adopting the guest")
+    assert switch.vsctl("get", "Port", tap, "tag").strip() == str(vlan)
+    assert http(ovs_lab, peer, "http://10.64.0.31/", timeout=5)
+    print(f"real guest on an OVS VLAN leased its address {booted:.1f}s after the test started; "
+          f"total {time.monotonic() - started:.1f}s")
