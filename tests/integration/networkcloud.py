@@ -5,6 +5,7 @@ commands in guests (netns guests: ``--hypervisor netns``) and on the public side
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 import typing as t
@@ -64,7 +65,9 @@ def tcp(netns: str, host: str, port: int, payload: str = "", timeout: float = 3.
 
 def http(netns: str, host: str, port: int = 80, timeout: float = 3.0) -> str | None:
     answer = tcp(netns, host, port, f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n", timeout)
-    return answer.split("\r\n\r\n", 1)[-1].strip() if answer else None
+    if not answer:
+        return None
+    return re.split(r"\r?\n\r?\n", answer, maxsplit=1)[-1].strip()
 
 
 class NetworkCloud:
