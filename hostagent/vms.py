@@ -178,6 +178,8 @@ class VmReconciler(ObjectReconciler):
         self._enforced: set[str] = set()  # uids whose security groups this process applied
         self._segments: dict[str, dict[str, Segment]] = {}  # host -> bridge -> segment ensured by this process
         self._enforcers: dict[str, SecurityGroupEnforcer] = {}
+        self._unused: dict[str, set[str]] = {}
+        self._released: set[str] = set()  # uids of stopped guests whose rules and segments were released  # host -> bridges no guest wanted at the last sweep
         self._sweep_wake = asyncio.Event()
         self.swept = asyncio.Event()  # the first sweep is done (tests, readiness)
 
@@ -188,7 +190,10 @@ class VmReconciler(ObjectReconciler):
             self._sweep_wake.set()  # a domain of it, if any, is a suspect now
 
     def _forget(self, key: str) -> None:
-        self._stopping.pop(key, None)
+        stopping = self._stopping.pop(key, None)
+        starts = self._starts.get(key)
+        for uid in {entry.uid for entry in (stopping, starts) if entry is not None}:
+            self._released.discard(uid)
         self._starts.pop(key, None)
         self._adopted.discard(key)
         for entry in [entry for entry in self._detaching if entry[0] == key]:
@@ -228,12 +233,14 @@ class VmReconciler(ObjectReconciler):
             domain = await hypervisor.domain(uid)
             if vmspec.wants_running(launch):
                 self._stopping.pop(key, None)
+                self._released.discard(uid)
                 domain, delay, message = await self._run(key, vm, launch, worker, domain)
             else:
                 self._starts.pop(key, None)
                 domain, delay = await self._stop(key, uid, hypervisor, domain)
-                if domain is None:
+                if domain is None and uid not in self._released:
                     await self._network_released(worker, uid, launch)
+                    self._released.add(uid)
             self.queue.forget(key)
         except (HypervisorError, StartRefused, NetworkError, SecurityGroupError, OSError) as error:
             message = str(error)
@@ -324,7 +331,7 @@ class VmReconciler(ObjectReconciler):
             ensured = self._segments.setdefault(worker.name, {})
             for nic in launch.nics:
                 ensured.setdefault(nic.segment().bridge, nic.segment())
-        await self._release_unused(worker, exclude=uid)
+            await self._release_unused(worker, exclude=uid, only={nic.bridge for nic in launch.nics})
 
     def _wanted_bridges(self, host: str, exclude: str | None = None) -> set[str]:
         wanted = set()
@@ -339,12 +346,21 @@ class VmReconciler(ObjectReconciler):
                 wanted.update(nic.bridge for nic in launch.nics)
         return wanted
 
-    async def _release_unused(self, worker: HostWorker, exclude: str | None = None) -> None:
+    async def _release_unused(self, worker: HostWorker, exclude: str | None = None, only: set[str] | None = None,
+                              settle: bool = False) -> None:
+        """Release the tracked segments (``only`` these bridges, when given) no running guest of the host wants;
+        the driver keeps those that still have ports. ``settle`` (the periodic sweep): only segments already
+        unused at the previous sweep, so one that something (a router) ensured a moment ago and has not plugged
+        into yet is left alone."""
         ensured = self._segments.get(worker.name, {})
         wanted = self._wanted_bridges(worker.name, exclude)
-        for bridge, segment in list(ensured.items()):
-            if bridge in wanted:
-                continue
+        candidates = {bridge for bridge in ensured if bridge not in wanted and (only is None or bridge in only)}
+        if settle:
+            previous = self._unused.get(worker.name, set())
+            self._unused[worker.name] = candidates
+            candidates = candidates & previous  # a new set: the one just recorded stays whole
+        for bridge in sorted(candidates):
+            segment = ensured[bridge]
             try:
                 await worker.network.release_segment(segment)
             except NetworkError as error:
@@ -522,8 +538,13 @@ class VmReconciler(ObjectReconciler):
                     await enforcer.remove_guest(uid)
                     self._enforced.discard(uid)
                     log.info("security groups of a gone guest removed", extra={"uuid": uid, "host": name})
-                await self._release_unused(worker)
-            except (HypervisorError, SecurityGroupError, OSError) as error:
+                present = getattr(worker.network, "segments", None)
+                if present is not None:  # segments left by guests gone while the agent was down, too
+                    ensured = self._segments.setdefault(name, {})
+                    for segment in await present():
+                        ensured.setdefault(segment.bridge, segment)
+                await self._release_unused(worker, settle=True)
+            except (HypervisorError, SecurityGroupError, NetworkError, OSError) as error:
                 log.warning("network sweep failed", extra={"host": name, "error": str(error)})
 
     async def _judge(self, hypervisor: HypervisorDriver, domain: Domain) -> None:

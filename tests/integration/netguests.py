@@ -45,6 +45,9 @@ class Guests:
         self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, "virtualmachines", name,
                                                           {"status": {"launch": launch}})
 
+    def delete(self, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, "virtualmachines", name)
+
     def get(self, name: str) -> dict[str, Any]:
         return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, "virtualmachines", name)
 

@@ -33,7 +33,7 @@ def test_vxlan_guests_across_hosts(kube, control_plane, agents, netlab: NetLab, 
     h1, h2 = netlab.add_host("h1"), netlab.add_host("h2")
     host1, host2 = unique("nh1"), unique("nh2")
     agent1 = start_agent(agents, host1, h1, tmp_path / "a1")
-    start_agent(agents, host2, h2, tmp_path / "a2")
+    agent2 = start_agent(agents, host2, h2, tmp_path / "a2")
     guests = Guests(kube, control_plane)
     red = 6001 + int(uuid.uuid4().hex[:3], 16)
     blue = red + 5000
@@ -81,6 +81,16 @@ def test_vxlan_guests_across_hosts(kube, control_plane, agents, netlab: NetLab, 
              what=f"brvx-{red} released on h2")
     assert h2.exec(["ip", "link", "show", f"brvx-{blue}"], check=False).returncode == 0, "blue is still in use"
     assert netns["rb"] not in netlab.exec(h2.netns, ["ip", "netns", "list"]).stdout
+
+    # bc is deleted while h2's agent is down: the restarted agent destroys its guest and releases blue's segment
+    # (found on the host, not remembered).
+    agent2.kill()
+    guests.delete("bc")
+    start_agent(agents, host2, h2, tmp_path / "a2")
+    wait_for(lambda: netns["bc"] not in netlab.exec(h2.netns, ["ip", "netns", "list"]).stdout, timeout=30,
+             what="the deleted guest's namespace removed")
+    wait_for(lambda: h2.exec(["ip", "link", "show", f"brvx-{blue}"], check=False).returncode != 0, timeout=30,
+             what=f"brvx-{blue} released on h2 after the agent restart")
     print(f"VXLAN data plane test took {time.monotonic() - started:.1f}s")
 
 

@@ -64,6 +64,9 @@ def test_vxlan_across_hosts_and_isolation(netlab: NetLab) -> None:
     assert ping(netlab, "ra", "10.1.1.12"), "red guests on two hosts reach each other over VXLAN"
     assert not ping(netlab, "ra", "10.1.1.13"), "a guest of another VNI is not reachable"
     assert asyncio.run(d2.ports(red)) == ["rb"]
+    found = sorted(asyncio.run(d2.segments()), key=lambda s: s.bridge)
+    assert [(s.bridge, s.broadcast_uri, s.traffic_label, s.mtu) for s in found] == [
+        ("brvx-5001", "vxlan://5001", "cloudbr0", 1450), ("brvx-70000", "vxlan://70000", "cloudbr0", 1450)]
 
 
 def test_release_only_when_unused(netlab: NetLab) -> None:

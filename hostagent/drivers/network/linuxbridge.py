@@ -304,5 +304,32 @@ class LinuxBridgeDriver:
 
         return t.cast(list[str], await self._run(f"cannot list ports of {plan.bridge!r}", query))
 
+    async def segments(self) -> list[Segment]:
+        """The VXLAN/VLAN segments present on the host (bridges ``brvx-<vni>``/``brvlan-<id>`` holding their
+        device), rebuilt from the kernel: what an agent that restarted may have to release."""
+
+        def query(ipr: IPRoute) -> list[Segment]:
+            links = {link["index"]: link for link in ipr.get_links()}
+            found = []
+            for link in links.values():
+                master = links.get(link.get("IFLA_MASTER"))
+                if master is None or _kind(master) != "bridge":
+                    continue
+                bridge, kind = master.get("IFLA_IFNAME"), _kind(link)
+                if kind == "vxlan" and bridge == f"brvx-{_data(link, 'IFLA_VXLAN_ID')}":
+                    label = links.get(_data(link, "IFLA_VXLAN_LINK"))
+                    uri = f"vxlan://{_data(link, 'IFLA_VXLAN_ID')}"
+                elif kind == "vlan" and bridge == f"brvlan-{_data(link, 'IFLA_VLAN_ID')}":
+                    label = links.get(link.get("IFLA_LINK"))
+                    uri = f"vlan://{_data(link, 'IFLA_VLAN_ID')}"
+                else:
+                    continue
+                if label is not None:
+                    found.append(Segment(traffic_label=label.get("IFLA_IFNAME"), broadcast_uri=uri, bridge=bridge,
+                                         mtu=link.get("IFLA_MTU")))
+            return found
+
+        return t.cast(list[Segment], await self._run("cannot list segments", query))
+
     async def close(self) -> None:
         return None
