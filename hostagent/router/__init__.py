@@ -4,9 +4,8 @@ namespace.
 Layout on a host (all names derived from the Network's uid, so an agent restart finds everything again)::
 
     host network namespace (AgentConfig.host_netns, or the agent's own)
-      guest segment bridge ── vrg<uid6> ══ veth ══ eth0  ┐
-      public segment bridge ── vrp<uid6> ══ veth ══ eth1  ├─ router netns <host_netns or 'cumulo'>-vr-<uid8>
-                                                         ┘   dnsmasq (DHCP, DNS), nftables table ``ip cumulo``
+      guest segment bridge ── vrg<uid6> ══ veth ══ eth0  ┐  router netns <host_netns or 'cumulo'>-vr-<uid8>:
+      public segment bridge ── vrp<uid6> ══ veth ══ eth1  ┘  dnsmasq (DHCP, DNS), nftables table ``ip cumulo``
 
 Files: ``<state_dir>/routers/<networkUid>/`` holds the owner record (``router.json``: which VirtualRouter and
 which segments, so a router whose object is gone can still be unplugged), the dnsmasq config, hosts files,

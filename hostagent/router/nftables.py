@@ -174,7 +174,8 @@ def _load_balancer(balancer: LoadBalancer, warnings: list[str]) -> str | None:
     members = [_address(member, what) for member in balancer.members]
     if not members:
         return None  # nothing to balance to: the port stays closed
-    match = [f"ip daddr {public_ip}", *_saddr(_cidrs(balancer.source_cidrs, what)), f"{l4} dport {balancer.public_port}"]
+    match = [f"ip daddr {public_ip}", *_saddr(_cidrs(balancer.source_cidrs, what)),
+             f"{l4} dport {balancer.public_port}"]
     algorithm = balancer.algorithm
     if algorithm == "LeastConn":
         warnings.append(f"{what}: LeastConn cannot be done by stateless nftables NAT; using RoundRobin")

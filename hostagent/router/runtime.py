@@ -146,6 +146,22 @@ def _netns_processes(name: str) -> list[int]:
     return found
 
 
+def _processes_with(argument: str) -> list[int]:
+    """PIDs of the live processes having ``argument`` on their command line."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as file:
+                argv = file.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if argument in argv and _alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
 class RouterRuntime:
     def __init__(self, state_dir: str, host_netns: str | None, executor: Executor) -> None:
         self.root = os.path.join(state_dir, "routers")
@@ -366,6 +382,10 @@ class RouterRuntime:
         return pid, what
 
     async def _start(self, netns: str, paths: dnsmasq.Paths) -> int:
+        # A dnsmasq of this router left in a namespace that was deleted under it (still alive, as it holds it)
+        # would keep the old veths' peer and leases file busy: it goes first.
+        for pid in await asyncio.to_thread(_processes_with, f"--conf-file={paths.config}"):
+            await self._stop(pid)
         try:
             os.unlink(paths.pidfile)
         except FileNotFoundError:
@@ -398,7 +418,10 @@ class RouterRuntime:
         """Remove the router of ``network_uid`` (a full uid, or the 8 characters of a namespace name): its
         processes, namespace, host-side veths, segments (when its owner record names them) and files."""
         netns = owner.netns if owner is not None else self.netns(network_uid)
-        for pid in await asyncio.to_thread(_netns_processes, netns):
+        pids = await asyncio.to_thread(_netns_processes, netns)
+        if len(network_uid) > 8:  # and its dnsmasq, should it run in a namespace deleted under it
+            pids += await asyncio.to_thread(_processes_with, f"--conf-file={self.paths(network_uid).config}")
+        for pid in sorted(set(pids)):
             await self._stop(pid)
         for port in host_veths(network_uid):
             # The veths would go with the namespace, but only once the kernel gets round to it.

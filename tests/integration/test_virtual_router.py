@@ -296,6 +296,29 @@ def test_virtual_router_on_a_lab_host(netlab: NetLab, agents, kube, control_plan
     assert later != counters  # the same counters kept counting (not reset by a reload)
     timings["restart adopted"] = time.monotonic() - started
 
+    # -- dnsmasq killed: the agent starts it again; the lease file keeps the leases --------------------------
+    os.kill(pid, signal.SIGKILL)
+    pid = wait_for(lambda: (p := router.node().get("dnsmasqPid")) != pid and p, timeout=20, what="dnsmasq restarted")
+    before = len(guests["g2"].events())
+    guests["g2"].renew()
+    wait_for(lambda: any(line.startswith("renew") for line in guests["g2"].events()[before:]), timeout=15,
+             what="g2 lease renewal from the new dnsmasq")
+    assert f"ip={GUESTS['g2'][1]}" in guests["g2"].events()[-1]
+
+    # -- the router namespace deleted under the agent: rebuilt from the spec ------------------------------------
+    subprocess.run(["ip", "netns", "delete", router_netns], check=True)
+    wait_for(lambda: router_netns in list_netns() and wget(netlab, public.netns, f"http://{SOURCE_NAT}:8080/") == "g2",
+             timeout=30, what="router rebuilt")
+    pid = wait_for(lambda: (p := router.node().get("dnsmasqPid")) != pid and p, timeout=20, what="new dnsmasq")
+    config = f"--conf-file={state_dir}/routers/{network_uid}/"
+    stale = subprocess.run(["pgrep", "-f", "--", config], capture_output=True, text=True).stdout.split()
+    assert stale == [str(pid)], f"dnsmasq processes of this router: {stale}, reported {pid}"
+    before = len(guests["g1"].events())
+    guests["g1"].renew()
+    wait_for(lambda: any(line.startswith("renew") for line in guests["g1"].events()[before:]), timeout=15,
+             what="g1 lease renewal from the rebuilt router")
+    timings["dnsmasq and namespace rebuilt"] = time.monotonic() - started
+
     # -- the object goes: the router goes ------------------------------------------------------------------
     router.delete()
     wait_for(lambda: router_netns not in list_netns(), timeout=30, what="router namespace removed")
