@@ -25,7 +25,7 @@ from controllers.api.v1alpha1.network import Segment, broadcast_uri, guest_bridg
 from cumulo import ovs  # noqa: E402
 from cumulo.netlab import LabHost, NetLab  # noqa: E402
 from hostagent.drivers.network import NetworkError  # noqa: E402
-from hostagent.drivers.network.openvswitch import OpenVSwitchDriver  # noqa: E402
+from hostagent.drivers.network.openvswitch import OpenVSwitchDriver, kernel_has_datapath  # noqa: E402
 
 pytest_plugins = ["conftest_netlab", "conftest_libvirt"]
 
@@ -261,6 +261,7 @@ def test_ports_whose_interface_died_are_released_and_errors_are_clear(ovs_lab: N
     a1 = make_guest(ovs_lab, h1, "a1", "10.9.0.1/24")
     b1 = make_guest(ovs_lab, h1, "b1", "10.9.0.2/24")
     switch = ovs.lab_switch(h1.netns)
+    kernel_datapath = kernel_has_datapath()  # (pyroute2's generic netlink runs an event loop of its own)
 
     async def scenario() -> None:
         network = driver(h1)
@@ -285,6 +286,12 @@ def test_ports_whose_interface_died_are_released_and_errors_are_clear(ovs_lab: N
                 await network.ensure_segment(vlan_segment(100, label="cloudbr7"))
             with pytest.raises(NetworkError, match="needs 'cloudbr1' to have an MTU of at least 1550, not 1500"):
                 await network.ensure_segment(vxlan_segment(5001, label="cloudbr1"))
+            if not kernel_datapath:
+                # A label bridge on the kernel datapath (OVSDB's default) cannot work on this kernel: say so.
+                switch.vsctl("add-br", "sysbr", wait=False)
+                with pytest.raises(NetworkError, match="'sysbr' uses the kernel datapath .system., but this kernel "
+                                                       "has no Open vSwitch module"):
+                    await network.ensure_segment(vlan_segment(100, label="sysbr"))
         finally:
             await network.close()
         unreachable = OpenVSwitchDriver(netns=h1.netns, ovsdb=f"unix:{switch.workdir}/missing.sock", timeout=2)
