@@ -277,6 +277,18 @@ def test_ports_whose_interface_died_are_released_and_errors_are_clear(ovs_lab: N
             assert a1.port in switch.ports("cloudbr0")
             await network.release_segment(red)
             assert switch.ports("cloudbr0") == ["eth0", b1.port]  # b1 is alive and stays
+            # A tap that will exist later (libvirt makes it at domain start) can be recorded beforehand; the next
+            # plug on the host drops dead records, but not that one.
+            await network.prepare_port(red, "vlater")
+            await network.plug(red, b1.port)
+            assert switch.vsctl("get", "Port", "vlater", "tag").strip() == "100"
+            h1.exec(["ip", "link", "add", "vlater", "type", "veth", "peer", "name", "vlaterp"])
+            wait_for(lambda: switch.vsctl("get", "Interface", "vlater", "ofport").strip() not in ("-1", "[]"),
+                     timeout=5, what="the switch opening the interface that appeared")
+            await network.plug(red, "vlater")
+            h1.exec(["ip", "link", "del", "vlater"])
+            await network.plug(red, b1.port)  # the dead one goes with the next plug
+            assert switch.ports("cloudbr0") == ["eth0", b1.port]
             # Moving a port to the untagged segment clears its tag.
             await network.plug(vlan_segment(None), b1.port)
             assert switch.vsctl("get", "Port", b1.port, "tag").strip() == "[]"

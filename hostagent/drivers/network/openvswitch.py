@@ -30,7 +30,9 @@ A segment on a host:
   is left on the bridge; :meth:`OpenVSwitchDriver.segments` finds them again after an agent restart.
 
 Ports the driver plugs carry ``external_ids:cumulo-segment=<broadcast URI or "untagged">``, so what the agent
-plugged is told apart from the host's own ports (the uplink, the bridge's internal port).
+plugged is told apart from the host's own ports (the uplink, the bridge's internal port). Records of plugged ports
+whose interface has gone (a guest's tap dies with its QEMU; OVSDB keeps the port) are dropped by the next plug or
+release on the host.
 
 Datapath. Production hosts run the OVS kernel datapath: their bridges are ``datapath_type=system`` (OVSDB's empty
 default). Machines without the ``openvswitch`` kernel module (as the test machines) can only use the userspace
@@ -63,6 +65,7 @@ from .linuxbridge import VXLAN_OVERHEAD, VXLAN_PORT, vxlan_multicast_group
 
 DEFAULT_OVSDB = "unix:/run/openvswitch/db.sock"
 SEGMENT_KEY = "cumulo-segment"   # Port external_ids key marking the ports this driver plugged
+PENDING_KEY = "cumulo-pending"   # "true" while recorded before its interface exists (prepare_port)
 UNTAGGED = "untagged"
 NETNS_DIR = "/run/netns"
 IFNAMSIZ = 15
@@ -170,6 +173,12 @@ class _QuietInterfaceChecks(logging.Filter):
 
 
 logging.getLogger("ovsdbapp.schema.open_vswitch.impl_idl").addFilter(_QuietInterfaceChecks())
+
+
+def _is_vxlan_device(port: dict[str, t.Any]) -> bool:
+    """Whether a marked port is a VXLAN segment's own device (``vxlan<vni>`` marked ``vxlan://<vni>``)."""
+    mark = str(port["external_ids"].get(SEGMENT_KEY, ""))
+    return mark.startswith("vxlan://") and port["name"] == f"vxlan{mark[len('vxlan://'):]}"
 
 
 def _optional(value: t.Any) -> t.Any:
@@ -407,11 +416,28 @@ class OpenVSwitchDriver:
                 commands.append(api.db_clear("Port", port, "tag"))
         else:
             commands.append(api.db_set("Port", port, ("tag", plan.tag)))
-        commands.append(api.db_set("Port", port, ("external_ids", {SEGMENT_KEY: plan.id})))
+        marks = {SEGMENT_KEY: plan.id, PENDING_KEY: "true" if prepare else "false"}
+        commands.append(api.db_set("Port", port, ("external_ids", marks)))
         commands.append(api.db_set("Interface", port, ("mtu_request", plan.mtu)))
         self._execute(what, *commands)
         if not prepare:
             self._in_datapath_or_fail(port, what)
+            # Guests' taps vanish with their QEMU while their records stay; a busy host's label bridge would
+            # collect them (VLAN segments are released only once no guest uses the label bridge at all).
+            self._remove_dead_ports(what, keep={port, plan.device}, pending=False)
+
+    def _remove_dead_ports(self, what: str, keep: set[str | None], pending: bool) -> None:
+        """Drop the records of marked ports whose interface is gone from the host, whatever their segment (a
+        port whose interface is gone is dead), but never a segment's own VXLAN device, and records still
+        waiting for their interface (:meth:`prepare_port`) only when ``pending``."""
+        ports = [port for port in self._rows("Port") if SEGMENT_KEY in (port["external_ids"] or {})
+                 and port["name"] not in keep and (pending or port["external_ids"].get(PENDING_KEY) != "true")
+                 and not _is_vxlan_device(port)]
+        existing = self._existing_links() if ports else set()
+        dead = [port["name"] for port in ports if port["name"] not in existing]
+        if dead:
+            api = self._ovs()
+            self._execute(what, *(api.del_port(name, if_exists=True) for name in dead))
 
     async def unplug(self, segment: Segment, port: str) -> None:
         plan = plan_segment(segment)
@@ -434,13 +460,9 @@ class OpenVSwitchDriver:
         and device go when no other port is left on the bridge. Whether the segment is gone."""
         api = self._ovs()
         what = f"cannot release segment {plan.id}"
-        # Every marked port, not only this segment's: the agent tracks VLAN segments by bridge, which all VLANs
-        # of a label share, and a port whose interface is gone is dead whatever its segment.
-        ports = [port for port in self._rows("Port") if SEGMENT_KEY in (port["external_ids"] or {})]
-        existing = self._existing_links() if ports else set()
-        stale = [port["name"] for port in ports if port["name"] not in existing and port["name"] != plan.device]
-        if stale:
-            self._execute(what, *(api.del_port(name, if_exists=True) for name in stale))
+        # Every dead port, not only this segment's: the agent tracks VLAN segments by bridge, which all VLANs of
+        # a label share.
+        self._remove_dead_ports(what, keep={plan.device}, pending=True)
         if not plan.owned:
             return True
         if self._bridge(plan.bridge) is not None:
