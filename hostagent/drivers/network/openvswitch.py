@@ -108,7 +108,7 @@ def plan_segment(segment: Segment) -> SegmentPlan:
         if not 1 <= vnet <= 0xFFFFFF:
             raise NetworkError(f"VNI {vnet} is out of range (1-16777215)")
         bridge = f"brvx-{vnet}"
-        # The API names the label bridge for every Open vSwitch segment; the VXLAN bridge is the driver's own.
+        # Segments written before the API named brvx-<vni> for Open vSwitch VXLAN carry the label bridge.
         if segment.bridge not in (label, bridge):
             raise NetworkError(f"VXLAN segment {mark} plugs into {bridge!r}, not {segment.bridge!r}")
         return SegmentPlan(id=mark, label=label, bridge=bridge, vni=vnet, device=f"vxlan{vnet}",
@@ -149,7 +149,8 @@ def datapath_problem(bridge: str, datapath_type: str, datapath_types: t.Iterable
 
 def kernel_has_datapath() -> bool:
     """Whether the kernel has the OVS datapath: its generic netlink family exists (the lookup itself may
-    autoload the module). Families are global, not per network namespace."""
+    autoload the module). Families are global, not per network namespace. Call it outside an event loop (a
+    worker thread): pyroute2's generic netlink socket runs one of its own."""
     from pyroute2.netlink.exceptions import NetlinkError
     from pyroute2.netlink.generic import GenericNetlinkSocket
 
