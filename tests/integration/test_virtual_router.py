@@ -179,7 +179,7 @@ def test_virtual_router_on_a_lab_host(netlab: NetLab, agents, kube, control_plan
         "gateway": ROUTER_GUEST,
         "public": {"segment": {"trafficLabel": "cloudbr1", "bridge": "cloudbr1"}, "macAddress": "02:00:cb:00:71:0a",
                    "addresses": [f"{SOURCE_NAT}/24", f"{STATIC_NAT}/24", f"{BALANCED}/24"]},
-        "publicGateway": PUBLIC_GATEWAY, "sourceNatIp": SOURCE_NAT,
+        "publicGateway": PUBLIC_GATEWAY, "sourceNatIp": SOURCE_NAT, "dnsServers": [PUBLIC_GATEWAY],
         "domain": "cloud.internal", "leases": leases,
         "firewall": firewall_elsewhere,
         "staticNats": [{"publicIp": STATIC_NAT, "privateIp": GUESTS["g1"][1]}],
@@ -208,17 +208,28 @@ def test_virtual_router_on_a_lab_host(netlab: NetLab, agents, kube, control_plan
     unknown = stranger.exec(["busybox", "udhcpc", "-n", "-q", "-i", "eth0", "-t", "2", "-T", "1", "-s", "/bin/true"],
                             check=False)
     assert unknown.returncode != 0, "a MAC without lease got an address"
-    # A new lease: dnsmasq re-reads its hosts files (SIGHUP), keeps running, and serves the new guest.
+    # A new lease: dnsmasq re-reads its hosts files (SIGHUP), keeps running, and serves the new guest. This one is
+    # not the guest's default NIC: no router, no DNS server offered.
     stranger_mac = stranger.exec(["cat", "/sys/class/net/eth0/address"]).stdout.strip()
-    leases.append({"macAddress": stranger_mac, "ipAddress": "10.1.1.13", "hostname": "g3"})
+    leases.append({"macAddress": stranger_mac, "ipAddress": "10.1.1.13", "hostname": "g3", "default": False})
     node = router.applied(router.patch_spec({"leases": leases}))
     assert node["dnsmasqPid"] == pid, "dnsmasq was restarted for a new lease"
-    known = stranger.exec(["busybox", "udhcpc", "-n", "-q", "-i", "eth0", "-t", "5", "-T", "1", "-s", "/bin/true"],
-                          check=False)
-    assert "lease of 10.1.1.13 obtained" in known.stderr + known.stdout, known
+    g3_log = tmp_path / "g3.dhcp.log"
+    (tmp_path / "g3.udhcpc").write_text(UDHCPC_SCRIPT.replace("{log}", str(g3_log)))
+    (tmp_path / "g3.udhcpc").chmod(0o755)
+    stranger.exec(["busybox", "udhcpc", "-n", "-q", "-i", "eth0", "-t", "5", "-T", "1", "-s",
+                   str(tmp_path / "g3.udhcpc")])
+    assert "bound ip=10.1.1.13 router= dns= domain=cloud.internal" in g3_log.read_text(), g3_log.read_text()
     for query in ("g2", "g2.cloud.internal"):
         answer = guests["g1"].ns.exec(["busybox", "nslookup", query, ROUTER_GUEST], check=False).stdout
         assert f"Address: {GUESTS['g2'][1]}" in answer, answer
+    # Other names go to the upstream resolver (dnsServers): a dnsmasq on the public side knows example.test.
+    public.popen(["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+                  f"--listen-address={PUBLIC_GATEWAY}", "--bind-interfaces", "--pid-file=",
+                  "--address=/example.test/198.51.100.7"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: "198.51.100.7" in guests["g1"].ns.exec(["busybox", "nslookup", "example.test", ROUTER_GUEST],
+                                                            check=False).stdout,
+             timeout=10, what="example.test resolved through the router")
     timings["dhcp + dns"] = time.monotonic() - started
 
     # -- source NAT: the internet sees the source NAT address -----------------------------------------------
