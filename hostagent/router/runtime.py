@@ -234,6 +234,8 @@ class RouterRuntime:
     async def apply(self, spec: VirtualRouterSpec, *, namespace: str, name: str, uid: str,
                     network: NetworkDriver) -> Applied:
         uid_net = spec.network_uid
+        if len(uid_net) < 8 or not uid_net.replace("-", "").isalnum():
+            raise RouterError(f"networkUid {uid_net!r} is not a uid: it names the router's namespace and veths")
         netns = self.netns(uid_net)
         paths = self.paths(uid_net)
         try:
