@@ -1,6 +1,11 @@
 """A cloud of hosts simulated as network namespaces, for the guest-network tests: the control plane, the controller,
 one agent per lab host (``--host-netns``), an advanced or basic zone over the lab's bridges, and helpers to run
-commands in guests (netns guests: ``--hypervisor netns``) and on the public side."""
+commands in guests (netns guests: ``--hypervisor netns``) and on the public side.
+
+Real guests: with ``storage=<dir>`` the zone's image store and the hosts' pools are real directories under it and
+the agents use the filesystem storage driver (so a template is really downloaded, whichever host does it), and
+``add_host(short, libvirtd=<PrivateLibvirtd in the lab host's namespace>)`` makes a host whose agent runs
+``--hypervisor libvirt`` (QEMU/TCG guests, their taps on the host's bridges)."""
 
 from __future__ import annotations
 
@@ -75,11 +80,14 @@ class NetworkCloud:
 
     def __init__(self, cloud: Cloud, kube: client.ApiClient, control_plane: t.Any, agents: Agents, lab: NetLab,
                  tmp_path: Path, *, hosts: t.Sequence[str] = ("h1", "h2"), vswitch: str = "linuxbridge",
-                 isolation: str = "VXLAN", basic: bool = False, vnets: tuple[int, int] = (5000, 5099)) -> None:
+                 isolation: str = "VXLAN", basic: bool = False, vnets: tuple[int, int] = (5000, 5099),
+                 storage: Path | None = None, image: Path | None = None) -> None:
         self.cloud, self.kube, self.plane, self.agents, self.lab = cloud, kube, control_plane, agents, lab
         self.custom = client.CustomObjectsApi(kube)
         self.tmp_path = tmp_path
         self.basic = basic
+        self.storage = storage  # None: simulated storage (paths under /sim, nothing on disk)
+        self.libvirtds: dict[str, t.Any] = {}  # host name -> its PrivateLibvirtd (--hypervisor libvirt)
         self.zone, self.pod, self.cluster = unique("zone"), unique("pod"), unique("nc")
         self.pnet = unique("pnet")
         self.offering = unique("small")
@@ -102,26 +110,35 @@ class NetworkCloud:
             pnet["publicIpRanges"] = [{"cidr": "203.0.113.0/24", "gateway": PUBLIC_GATEWAY,
                                        "startIp": "203.0.113.10", "endIp": "203.0.113.60"}]
         cloud.create("physicalnetworks", self.pnet, pnet)
+        if storage is not None:
+            (storage / "images").mkdir(parents=True, exist_ok=True)
         cloud.create("imagestores", unique("store"), {"zone": self.zone, "type": "Filesystem",
-                                                      "path": "/sim/images"})
+                                                      "path": str(storage / "images") if storage else "/sim/images"})
         cloud.create("serviceofferings", self.offering, {"cpuNumber": 1, "cpuSpeedMHz": 1000, "memoryMiB": 256,
                                                          "storageType": "local"})
         control_plane.kubectl("create", "namespace", self.namespace)
         for short in hosts:
             self.add_host(short, vswitch=vswitch)
-        self.create("templates", "Template", "img", {"url": "file:///sim/images/img.qcow2", "format": "QCOW2",
+        # With real storage, the netns guests' template must be a real image too (any qcow2: nothing boots it).
+        url = image.as_uri() if storage is not None and image is not None else "file:///sim/images/img.qcow2"
+        self.create("templates", "Template", "img", {"url": url, "format": "QCOW2",
                                                       "zone": self.zone, "hypervisor": "Simulator"})
         wait_for(lambda: self.status("templates", "img").get("state") == "Ready", timeout=30, what="template Ready")
 
     # -- hosts -------------------------------------------------------------------------------------
 
-    def add_host(self, short: str, *, vswitch: str = "linuxbridge") -> str:
+    def add_host(self, short: str, *, vswitch: str = "linuxbridge", libvirtd: t.Any = None) -> str:
+        """A lab host and its agent; ``libvirtd``: a function making the host's PrivateLibvirtd from its
+        namespace name (its agent then runs ``--hypervisor libvirt``)."""
         lab_host = self.lab.add_host(short, vswitch=vswitch)
         name = f"{self.cluster}-{short}"
         self.lab_hosts[name] = lab_host
         self.host_names[short] = name
+        if libvirtd is not None:
+            self.libvirtds[name] = libvirtd(lab_host.netns)
+        pool = str(self.storage / "pools" / name) if self.storage else f"/sim/{name}"
         self.cloud.create("storagepools", f"{name}-local", {"zone": self.zone, "scope": "Host", "type": "Filesystem",
-                                                            "host": name, "path": f"/sim/{name}"})
+                                                            "host": name, "path": pool})
         self.start_agent(name)
         wait_for(lambda: (self.cloud.get("hosts", name).get("status") or {}).get("state") == "Up", timeout=40,
                  what=f"{name} Up")
@@ -129,7 +146,9 @@ class NetworkCloud:
 
     def agent_args(self, name: str) -> list[str]:
         lab_host = self.lab_hosts[name]
-        args = ["--host", name, "--hypervisor", "netns", "--storage-driver", "simulator",
+        daemon = self.libvirtds.get(name)
+        args = ["--host", name, "--storage-driver", "filesystem" if self.storage else "simulator",
+                *(["--hypervisor", "libvirt", "--libvirt-uri", daemon.uri] if daemon else ["--hypervisor", "netns"]),
                 "--host-netns", lab_host.netns, "--register-cluster", self.cluster, "--heartbeat-interval", "1",
                 "--lease-duration", "5", "--vm-resync", "2", "--state-dir", str(self.tmp_path / name)]
         if lab_host.vswitch == "openvswitch":
