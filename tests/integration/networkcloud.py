@@ -10,7 +10,9 @@ the agents use the filesystem storage driver (so a template is really downloaded
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 import typing as t
@@ -247,6 +249,23 @@ class NetworkCloud:
 
     def in_guest(self, vm: str, argv: list[str], timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
         return netns_run(self.guest_netns(vm), argv, timeout)
+
+    def guest_dir(self, vm: str) -> Path:
+        """The netns hypervisor's record of a guest (pid files, the DHCP client's log)."""
+        obj = self.get("virtualmachines", vm)
+        host = obj["status"]["placement"]["host"]
+        return self.tmp_path / host / "netns" / self.lab_hosts[host].netns / obj["metadata"]["uid"]
+
+    def renew_lease(self, vm: str, ifname: str = "eth0", timeout: float = 15.0) -> str:
+        """Make the guest's DHCP client renew now (SIGUSR1) and return the log line of the answer."""
+        directory = self.guest_dir(vm)
+        log = directory / "udhcpc.log"
+        before = log.read_text().count(f" renew {ifname} ")
+        pid = int((directory / f"udhcpc-{ifname}.pid").read_text())
+        os.kill(pid, signal.SIGUSR1)
+        wait_for(lambda: log.read_text().count(f" renew {ifname} ") > before, timeout=timeout,
+                 what=f"{vm} renewing its lease; log: {log.read_text()[-400:]}")
+        return [line for line in log.read_text().splitlines() if f" renew {ifname} " in line][-1]
 
     def ping(self, vm: str, address: str, count: int = 2) -> bool:
         return self.in_guest(vm, ["busybox", "ping", "-c", str(count), "-W", "2", address]).returncode == 0

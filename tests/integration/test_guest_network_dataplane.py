@@ -24,7 +24,11 @@ from netguests import Guests, dhcp_server, flat_nic, guest_addr, http, mac, star
 from cumulo.netlab import NetLab  # noqa: E402
 from hostagent.drivers.hypervisor.netns import guest_netns  # noqa: E402
 
+from privateplane import private_plane_fixtures  # noqa: E402
+
 pytest_plugins = ["conftest_libvirt", "conftest_netlab"]
+# The session controller would reconcile the VirtualMachines whose launch these tests write themselves.
+control_plane, kube, system_namespace = private_plane_fixtures()
 pytestmark = [pytest.mark.usefixtures("system_namespace"), pytest.mark.timeout(240)]
 
 
