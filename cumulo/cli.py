@@ -55,6 +55,25 @@ def _down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _netns(args: argparse.Namespace) -> int:
+    """Run a command inside a network namespace of the local cloud's lab: a host's, or the public side's."""
+    import os
+
+    from cumulo import localcloud, processes
+
+    layout = localcloud.Layout(args.state_dir.absolute() if args.state_dir else localcloud.STATE_DIR)
+    lab = localcloud.Lab.from_json((processes.read_json(layout.state) or {}).get("lab"))
+    if lab is None:
+        print(f"cumulo netns: no local cloud runs from {layout.root} (`cumulo up` first)", file=sys.stderr)
+        return 1
+    names = {"public": lab.public, **lab.hosts}
+    if args.where not in names:
+        print(f"cumulo netns: {args.where!r}: expected one of {', '.join(names)}", file=sys.stderr)
+        return 2
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    os.execvp("ip", ["ip", "netns", "exec", names[args.where], *(argv or [os.environ.get("SHELL", "/bin/sh")])])
+
+
 def _console_kubeconfig(flag: str | None) -> str | None:
     """--kubeconfig, else $KUBECONFIG, else the local cloud's admin kubeconfig (.cumulo/kubeconfig), else the
     client's default (~/.kube/config)."""
@@ -159,6 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     down = commands.add_parser("down", help="stop everything `cumulo up` started (idempotent)")
     down.add_argument("--state-dir", **state_dir)
     down.set_defaults(func=_down)
+
+    netns = commands.add_parser("netns", help="run a command in the local cloud's public namespace or a host's",
+                                description="Run COMMAND (default: a shell) inside a network namespace of the "
+                                            "local cloud: `public` (the internet side, holding the public "
+                                            "gateway) or a host, e.g. `cumulo netns public -- curl "
+                                            "http://203.0.113.10/`.")
+    netns.add_argument("--state-dir", **state_dir)
+    netns.add_argument("where", metavar="public|HOST", help="the public side, or a host of the quickstart")
+    netns.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="what to run there")
+    netns.set_defaults(func=_netns)
 
     console = commands.add_parser("console", help="print or follow a VirtualMachine's serial console log")
     console.add_argument("vm", metavar="NAMESPACE/NAME", help="the VirtualMachine (a bare name: --namespace)")

@@ -4,20 +4,28 @@ What runs (everything detached, so it outlives the command that started it):
 
 * the control plane: etcd and kube-apiserver on loopback (:mod:`cumulo.envtest`);
 * ``cumulo-controller``, every reconciler;
-* per quickstart Host (``host1``, ``host2``): a private libvirtd (:mod:`cumulo.libvirtd`, QEMU/TCG) as
-  the host's hypervisor, and a ``cumulo-agent --host <host> --hypervisor libvirt`` driving it. Guest
-  networking (bridges, VXLAN) is not there yet, so the agents use the simulator network driver.
+* a network lab (:mod:`cumulo.netlab`, prefix ``cu`` + 4 hex digits of the state directory's path): each
+  quickstart Host is a network namespace ``<prefix>-<host>`` with the traffic-label bridges ``cloudbr0``
+  (underlay: guest VXLAN segments ride on it) and ``cloudbr1`` (public), joined by two root-namespace
+  bridges, and a namespace ``<prefix>-pub`` on the public bridge holding the public range's gateway (it
+  plays the internet);
+* per quickstart Host (``host1``, ``host2``): a private libvirtd (:mod:`cumulo.libvirtd`, QEMU/TCG) inside the
+  host's namespace, so its guests' taps plug into the host's bridges, and a ``cumulo-agent --host <host>
+  --hypervisor libvirt --network-driver linuxbridge --host-netns <prefix>-<host>`` driving it (segments,
+  virtual routers and security groups are made in that namespace).
 
 Everything lives under one state directory (default ``<repo>/.cumulo``): the control plane's work
 directory (``control-plane/``), the admin kubeconfig (``kubeconfig``), the components' kubeconfigs
 (``kubeconfigs/``), the libvirtds' work directories (``hosts/<host>/libvirtd/``), the logs (``logs/``) and
-``state.json``, which records the controller and agents by PID and start time (the control plane and each
-libvirtd keep their own ``state.json``). The hosts' local storage is the quickstart's: its Filesystem
+``state.json``, which records the controller and agents by PID and start time and the lab (the control plane
+and each libvirtd keep their own ``state.json``). The hosts' local storage is the quickstart's: its Filesystem
 pools under /var/lib/cumulo/pools and its image store /var/lib/cumulo/images.
 
 Both operations are idempotent. :func:`up` reuses whatever still runs, starts what is missing or died,
 and restarts the controller and agents when what they depend on changed (the control plane restarted
-on a new port, a libvirtd restarted, a different command line). :func:`down` stops everything recorded.
+on a new port, a libvirtd restarted, a different command line). The lab is kept while it is whole and
+rebuilt (with everything running inside it) when a part of it is missing. :func:`down` stops everything
+recorded and removes the lab: namespaces (with the routers' and guests' processes left in them) and bridges.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -36,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from cumulo import envtest, guestimage, libvirtd, processes, toolchain
+from cumulo import envtest, guestimage, libvirtd, netlab, processes, toolchain
 
 REPO = Path(__file__).resolve().parent.parent
 STATE_DIR = REPO / ".cumulo"
@@ -98,6 +107,29 @@ class Layout:
         """Every libvirtd work directory, also of hosts no longer in the quickstart."""
         return sorted(path.parent for path in (self.root / "hosts").glob("*/libvirtd/etc"))
 
+    @property
+    def lab_prefix(self) -> str:
+        """The network lab's prefix: fixed per state directory, so two clouds never share a lab."""
+        return "cu" + hashlib.sha256(str(self.root).encode()).hexdigest()[:4]
+
+
+@dataclass(frozen=True)
+class Lab:
+    """The hosts' network namespaces (cumulo.netlab) of one local cloud."""
+
+    prefix: str
+    hosts: dict[str, str]  # host -> its network namespace
+    public: str  # the namespace playing the internet
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prefix": self.prefix, "hosts": self.hosts, "public": self.public}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Lab | None:
+        if not isinstance(data, dict) or not isinstance(data.get("prefix"), str):
+            return None
+        return cls(data["prefix"], dict(data.get("hosts") or {}), str(data.get("public") or ""))
+
 
 @dataclass
 class Quickstart:
@@ -107,6 +139,9 @@ class Quickstart:
     hosts: list[str] = field(default_factory=list)
     storage_dirs: list[Path] = field(default_factory=list)  # made before the agents start
     vms: list[tuple[str, str]] = field(default_factory=list)  # (namespace, name)
+    public_ips: list[tuple[str, str]] = field(default_factory=list)  # PublicIPAddresses (namespace, name)
+    firewall_rules: list[tuple[str, str]] = field(default_factory=list)  # (namespace, name)
+    public_gateway: str = "203.0.113.1/24"  # the first public range's gateway, held by the lab's public side
 
     @classmethod
     def read(cls, directory: Path) -> Quickstart:
@@ -126,6 +161,14 @@ class Quickstart:
                     quickstart.storage_dirs.append(Path(spec["path"]).parent)
                 elif kind == "VirtualMachine":
                     quickstart.vms.append((meta.get("namespace", "default"), meta["name"]))
+                elif kind == "PublicIPAddress":
+                    quickstart.public_ips.append((meta.get("namespace", "default"), meta["name"]))
+                elif kind == "FirewallRule":
+                    quickstart.firewall_rules.append((meta.get("namespace", "default"), meta["name"]))
+                elif kind == "PhysicalNetwork" and spec.get("publicIpRanges"):
+                    first = spec["publicIpRanges"][0]
+                    length = first["cidr"].split("/")[1]
+                    quickstart.public_gateway = f"{first['gateway']}/{length}"
         quickstart.storage_dirs = sorted(set(quickstart.storage_dirs))
         return quickstart
 
@@ -164,6 +207,9 @@ class Cloud:
     hosts: dict[str, str]  # host -> state
     vms: dict[str, str]  # namespace/name -> phase
     seconds: float
+    lab: Lab | None = None
+    addresses: dict[str, str] = field(default_factory=dict)  # namespace/name of a VM -> its leased address
+    public_ips: dict[str, str] = field(default_factory=dict)  # namespace/name of a PublicIPAddress -> address
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,6 +257,7 @@ def up(state_dir: Path | str | None = None, *, log: Log = print, timeout: float 
         plane.write_kubeconfig(layout.kubeconfig)
         for directory in manifests.storage_dirs:
             directory.mkdir(parents=True, exist_ok=True)
+        lab = _ensure_lab(layout, manifests, log)
         bin_dir = Path(sys.executable).parent
 
         def ensure(name: str, user: str, argv: list[str], log_path: Path, extra: Mapping[str, Any]) -> Component:
@@ -232,13 +279,19 @@ def up(state_dir: Path | str | None = None, *, log: Log = print, timeout: float 
             component = Component(name, processes.Record.of(proc.pid), log_path, config, started_at, offset)
             components[name] = component
             started.append(name)
-            _save(layout, components, applied)  # recorded at once: an error later must not lose it
+            _save(layout, components, applied, lab)  # recorded at once: an error later must not lose it
             return component
 
         ensure("controller", "cumulo-controller", [str(bin_dir / "cumulo-controller")], layout.controller_log, {})
         daemons: dict[str, libvirtd.PrivateLibvirtd] = {}
         for host in manifests.hosts:
-            daemon = libvirtd.PrivateLibvirtd(layout.libvirtd_dir(host))
+            netns = lab.hosts[host]
+            running = libvirtd.PrivateLibvirtd.attach(layout.libvirtd_dir(host))
+            if running is not None and running.pid is not None and not _in_netns(running.pid, netns):
+                # Started before the lab existed (or in a lab since rebuilt): its guests' taps are elsewhere.
+                log(f"restarting the libvirtd of {host} inside {netns} (its guests are destroyed and restarted)")
+                running.stop(STOP_TIMEOUT)
+            daemon = libvirtd.PrivateLibvirtd(layout.libvirtd_dir(host), netns=netns)
             try:
                 daemon.start(detach=True)
             except libvirtd.LibvirtUnavailable as error:
@@ -250,7 +303,8 @@ def up(state_dir: Path | str | None = None, *, log: Log = print, timeout: float 
             daemon = daemons[host]
             ensure(f"agent/{host}", f"cumulo-agent-{host}", [
                 str(bin_dir / "cumulo-agent"), "--host", host, "--hypervisor", "libvirt",
-                "--libvirt-uri", daemon.uri, "--network-driver", "simulator", "--log-format", "text",
+                "--libvirt-uri", daemon.uri, "--network-driver", "linuxbridge", "--host-netns", lab.hosts[host],
+                "--log-format", "text",
                 "--state-dir", str(layout.root / "hosts" / host / "agent"),
             ], layout.agent_log(host), {"libvirtd": daemon.record.to_json() if daemon.record else None})
         for name in sorted(set(components) - {"controller", *(f"agent/{host}" for host in manifests.hosts)}):
@@ -269,16 +323,17 @@ def up(state_dir: Path | str | None = None, *, log: Log = print, timeout: float 
             plane.kubectl("apply", "--server-side", "--field-manager=cumulo-quickstart", "-f",
                           str(manifests.directory))
             applied["quickstart"] = quickstart_applied
-        _save(layout, components, applied)
+        _save(layout, components, applied, lab)
         hosts = _wait_hosts_up(plane, manifests.hosts, components, layout, timeout)
-        vms = _wait_vms_running(plane, manifests.vms, log, timeout)
+        vms, addresses = _wait_vms_running(plane, manifests.vms, log, timeout)
+        public_ips = _wait_public_ips(plane, manifests, timeout)
 
     plane_state = processes.read_json(plane.state_path) or {}
     pids = {"etcd": plane_state["etcd"]["pid"], "kube-apiserver": plane_state["apiserver"]["pid"]}
     pids.update({name: component.record.pid for name, component in components.items()})
     pids.update({f"libvirtd/{host}": daemon.pid for host, daemon in daemons.items() if daemon.pid is not None})
     cloud = Cloud(layout.root, plane.server, layout.kubeconfig, pids, started, hosts, vms,
-                  time.monotonic() - began)
+                  time.monotonic() - began, lab, addresses, public_ips)
     log(_summary(cloud, layout, plane, components, daemons))
     return cloud
 
@@ -297,6 +352,7 @@ def down(state_dir: Path | str | None = None, *, log: Log = print) -> list[str]:
         # Agents and controller together: each gets SIGTERM, then one grace period for all.
         processes.terminate_all([(c.record.pid, c.record.start_time) for c in running.values()], STOP_TIMEOUT)
         stopped += sorted(running)
+        lab = Lab.from_json((processes.read_json(layout.state) or {}).get("lab"))
         layout.state.unlink(missing_ok=True)
         for directory in layout.libvirtd_dirs():
             daemon = libvirtd.PrivateLibvirtd(directory)
@@ -307,6 +363,11 @@ def down(state_dir: Path | str | None = None, *, log: Log = print) -> list[str]:
                 stopped.append(f"libvirtd/{host}")
             if guests:
                 log(f"destroyed the guests of {host}: {', '.join(guests)}")
+        # The lab last: what is left in its namespaces (routers' dnsmasqs, guests) goes with them.
+        prefix = lab.prefix if lab is not None else layout.lab_prefix
+        if _lab_exists(prefix):
+            netlab.remove_lab(prefix)
+            stopped.append(f"network lab {prefix}")
         if envtest.ControlPlane.attach(layout.control_plane) is not None:
             stopped.append("control plane")
         envtest.ControlPlane(layout.control_plane).stop()  # also whatever half of it is left
@@ -335,9 +396,61 @@ def _recorded(state: Mapping[str, Any]) -> dict[str, Component]:
     return components
 
 
-def _save(layout: Layout, components: Mapping[str, Component], applied: Mapping[str, Any]) -> None:
-    processes.write_json(layout.state, {"version": 1, "applied": dict(applied), "components": {
+def _save(layout: Layout, components: Mapping[str, Component], applied: Mapping[str, Any], lab: Lab) -> None:
+    processes.write_json(layout.state, {"version": 1, "applied": dict(applied), "lab": lab.to_json(), "components": {
         name: component.to_json() for name, component in sorted(components.items())}})
+
+
+def _links(netns: str | None = None) -> set[str]:
+    argv = ["ip", *(["-n", netns] if netns else []), "-o", "link", "show"]
+    out = netlab.run(argv, check=False).stdout
+    return {line.split(":", 2)[1].strip().split("@")[0] for line in out.splitlines() if line.count(":") >= 2}
+
+
+def _lab_exists(prefix: str) -> bool:
+    return any(name.startswith(f"{prefix}-") for name in netlab.list_netns()) or f"{prefix}u" in _links()
+
+
+def _lab_whole(lab: Lab) -> bool:
+    """Whether every part of the lab is there: namespaces, root bridges and veths, the hosts' bridges."""
+    if not {*lab.hosts.values(), lab.public} <= set(netlab.list_netns()):
+        return False
+    wanted = {f"{lab.prefix}u", f"{lab.prefix}p", f"{lab.prefix}pubp"}
+    wanted |= {f"{lab.prefix}{host}{end}" for host in lab.hosts for end in "up"}
+    if not wanted <= _links():
+        return False
+    return all({netlab.UNDERLAY_BRIDGE, netlab.PUBLIC_BRIDGE} <= _links(netns) for netns in lab.hosts.values())
+
+
+def _ensure_lab(layout: Layout, manifests: Quickstart, log: Log) -> Lab:
+    """The quickstart hosts' namespaces and the public side: kept when whole, else (re)built from scratch."""
+    prefix = layout.lab_prefix
+    lab = Lab(prefix, {host: f"{prefix}-{host}" for host in manifests.hosts}, f"{prefix}-pub")
+    if _lab_whole(lab):
+        return lab
+    if _lab_exists(prefix):
+        log(f"network lab {prefix} is incomplete; rebuilding it (what ran inside it is restarted)")
+        netlab.remove_lab(prefix)
+    log(f"building network lab {prefix}: hosts {', '.join(manifests.hosts)} and the public side "
+        f"{manifests.public_gateway}")
+    try:
+        built = netlab.NetLab(prefix, owner=False)
+        for host in manifests.hosts:
+            built.add_host(host)
+        built.add_public(manifests.public_gateway)
+    except netlab.NetLabError as error:
+        netlab.remove_lab(prefix)
+        raise LocalCloudError(f"cannot build the network lab: {error}") from None
+    return lab
+
+
+def _in_netns(pid: int, netns: str) -> bool:
+    """Whether process ``pid`` runs in the named network namespace."""
+    try:
+        own, named = os.stat(f"/proc/{pid}/ns/net"), os.stat(f"/run/netns/{netns}")
+    except OSError:
+        return False
+    return (own.st_dev, own.st_ino) == (named.st_dev, named.st_ino)
 
 
 def _apiserver_ready(plane: envtest.ControlPlane, timeout: float = 3.0) -> bool:
@@ -480,10 +593,12 @@ def _seed_tiny_guest(log: Log) -> None:
 
 
 def _wait_vms_running(plane: envtest.ControlPlane, vms: list[tuple[str, str]], log: Log,
-                      timeout: float) -> dict[str, str]:
-    """Wait until the quickstart's guests run and their consoles show the boot marker; their phases."""
+                      timeout: float) -> tuple[dict[str, str], dict[str, str]]:
+    """Wait until the quickstart's guests run, their consoles show the boot marker and, for a guest with a NIC,
+    the address IPAM gave its first NIC, leased by DHCP from the virtual router. Their phases and addresses."""
     deadline = time.monotonic() + timeout
     phases = _vm_phases(plane, vms)
+    addresses: dict[str, str] = {}
     for namespace, name in vms:
         key = f"{namespace}/{name}"
         console = None
@@ -492,16 +607,51 @@ def _wait_vms_running(plane: envtest.ControlPlane, vms: list[tuple[str, str]], l
             status = (json.loads(result.stdout).get("status") or {}) if result.returncode == 0 else {}
             phases[key] = status.get("phase") or "(no phase yet)"
             console = ((status.get("node") or {}).get("consoleLog"))
-            if phases[key] == "Running" and console and guestimage.BOOT_MARKER in _read(Path(console)):
-                log(f"{key} is Running; its console ({console}) shows {guestimage.BOOT_MARKER!r}")
-                break
+            address = next((nic.get("ipAddress") for nic in status.get("nics") or []), None)
+            text = _read(Path(console)) if console else ""
+            if phases[key] == "Running" and guestimage.BOOT_MARKER in text:
+                marker = f"{guestimage.IP_PREFIX}eth0 {address}"
+                if address is None:
+                    log(f"{key} is Running; its console ({console}) shows {guestimage.BOOT_MARKER!r}")
+                    break
+                if marker in text:
+                    log(f"{key} is Running; its console ({console}) shows {marker!r} (its DHCP lease)")
+                    addresses[key] = address
+                    break
             time.sleep(0.5)
         else:
             ready = next((c for c in status.get("conditions", []) if c.get("type") == "Ready"), {})
-            raise LocalCloudError(f"VirtualMachine {key} is {phases[key]}, not Running with its boot marker, "
-                                  f"after {timeout:.0f}s: {ready.get('reason')}: {ready.get('message')}"
+            raise LocalCloudError(f"VirtualMachine {key} is {phases[key]}, not Running with its boot marker and "
+                                  f"DHCP lease, after {timeout:.0f}s: {ready.get('reason')}: {ready.get('message')}"
                                   + (f"\nconsole {console}:\n{_read(Path(console))[-2000:]}" if console else ""))
-    return phases
+    return phases, addresses
+
+
+def _wait_public_ips(plane: envtest.ControlPlane, manifests: Quickstart, timeout: float) -> dict[str, str]:
+    """The quickstart's public addresses, once allocated and their firewall rules applied in the router."""
+    deadline = time.monotonic() + timeout
+    addresses: dict[str, str] = {}
+    waiting: list[str] = []
+    while True:
+        waiting = []
+        for plural, objects in (("publicipaddresses", manifests.public_ips),
+                                ("firewallrules", manifests.firewall_rules)):
+            for namespace, name in objects:
+                result = plane.kubectl("get", plural, name, "-n", namespace, "-o", "json", check=False)
+                status = (json.loads(result.stdout).get("status") or {}) if result.returncode == 0 else {}
+                if plural == "publicipaddresses" and status.get("ipAddress"):
+                    addresses[f"{namespace}/{name}"] = status["ipAddress"]
+                elif plural == "firewallrules" and status.get("phase") == "Applied":
+                    continue
+                else:
+                    ready = next((c for c in status.get("conditions", []) if c.get("type") == "Ready"), {})
+                    waiting.append(f"{plural} {namespace}/{name}: {status.get('phase') or '(no phase yet)'} "
+                                   f"{ready.get('reason') or ''} {ready.get('message') or ''}".rstrip())
+        if not waiting:
+            return addresses
+        if time.monotonic() > deadline:
+            raise LocalCloudError(f"not ready after {timeout:.0f}s:\n  " + "\n  ".join(waiting))
+        time.sleep(0.5)
 
 
 def _read(path: Path) -> str:
@@ -538,13 +688,23 @@ def _summary(cloud: Cloud, layout: Layout, plane: envtest.ControlPlane, componen
                      f"(log {_show(agent.log)}), libvirtd pid {daemon.pid} "
                      f"(log {_show(daemon.log_path)}, {daemon.uri})")
     for vm, phase in cloud.vms.items():
-        lines.append(f"  vm {vm:<11} {phase}  (`cumulo console {vm}` prints its serial console)")
+        address = f" at {cloud.addresses[vm]}" if vm in cloud.addresses else ""
+        lines.append(f"  vm {vm:<11} {phase}{address}  (`cumulo console {vm}` prints its serial console)")
     kubeconfig = _show(cloud.kubeconfig)
+    state_flag = "" if layout.root == STATE_DIR else f" --state-dir {_show(layout.root)}"
+    if cloud.lab is not None:
+        lines += [
+            "",
+            f"Each host is a network namespace of lab {cloud.lab.prefix} ("
+            + ", ".join(f"{host}: {netns}" for host, netns in cloud.lab.hosts.items())
+            + f") with a private libvirtd (QEMU/TCG) inside; {cloud.lab.public} holds the public gateway "
+            "(the internet).",
+        ]
+        for name, address in cloud.public_ips.items():
+            lines += [f"  public ip {name}: {address}; from the internet:",
+                      f"    ip netns exec {cloud.lab.public} curl http://{address}/",
+                      f"    .venv/bin/cumulo netns{state_flag} public -- curl http://{address}/"]
     lines += [
-        "",
-        "Not there yet: guest networking (bridges, VXLAN) arrives in a later issue, so the agents run with",
-        "--network-driver simulator (bridges are reported present; none is made). Each host is a private",
-        "libvirtd (QEMU/TCG) on this machine; its local storage is under /var/lib/cumulo.",
         "",
         f"  export KUBECONFIG={kubeconfig}",
         "  kubectl get zones,hostpods,clusters,hosts     # host1 and host2 Up, with capacity",

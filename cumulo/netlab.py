@@ -24,7 +24,9 @@ characters, so every root-namespace interface name (``<prefix><name>u``) stays w
 
 Cleanup: :meth:`NetLab.close` kills the processes left in the lab's namespaces and removes the namespaces and
 the root-namespace links. A lab records its owner PID in ``/run/cumulo-netlab/<prefix>``; :func:`reap_stale`
-removes labs whose owner is gone (a crashed or SIGKILLed test run), never the labs of live runs.
+removes labs whose owner is gone (a crashed or SIGKILLed test run), never the labs of live runs. A lab made with
+``owner=False`` (the local cloud of ``make up``, which outlives the command that built it) has no owner record, so
+:func:`reap_stale` never touches it; :func:`remove_lab` (``make down``) removes it.
 
 Extension point for other virtual switches: ``add_host(name, vswitch=...)`` looks the host's bridge builder
 up in :data:`HOST_BUILDERS`. ``linuxbridge`` is built here; an Open vSwitch variant (``cloudbr0`` as an OVS
@@ -149,7 +151,7 @@ HOST_BUILDERS: dict[str, HostBuilder] = {"linuxbridge": _build_linuxbridge_host,
 class NetLab:
     """A lab: create with a unique short prefix, add hosts, :meth:`close` at the end (or use ``with``)."""
 
-    def __init__(self, prefix: str | None = None, *, underlay_mtu: int = UNDERLAY_MTU) -> None:
+    def __init__(self, prefix: str | None = None, *, underlay_mtu: int = UNDERLAY_MTU, owner: bool = True) -> None:
         self.prefix = prefix or unique_prefix()
         if len(self.prefix) > 6 or not self.prefix.isalnum():
             raise NetLabError(f"lab prefix {self.prefix!r}: at most 6 letters/digits (interface names ≤ 15)")
@@ -163,8 +165,9 @@ class NetLab:
         self._processes: list[subprocess.Popen[t.Any]] = []
         self._next_address = 11
         self._closed = False
-        STATE_DIR.mkdir(parents=True, exist_ok=True)
-        (STATE_DIR / self.prefix).write_text(str(os.getpid()))
+        if owner:
+            STATE_DIR.mkdir(parents=True, exist_ok=True)
+            (STATE_DIR / self.prefix).write_text(str(os.getpid()))
         try:
             for bridge, mtu in ((self.underlay_bridge, underlay_mtu), (self.public_bridge, 1500)):
                 run(["ip", "link", "add", bridge, "mtu", str(mtu), "type", "bridge", "mcast_snooping", "0"])
