@@ -32,8 +32,9 @@ def implemented(nc: NetworkCloud, network: str) -> dict:
                     what=f"network {network} Implemented")
 
 
-@pytest.mark.parametrize("vswitch, isolation", [("linuxbridge", "VXLAN"), ("openvswitch", "VLAN")],
-                         ids=["linuxbridge-vxlan", "openvswitch-vlan"])
+@pytest.mark.parametrize("vswitch, isolation", [("linuxbridge", "VXLAN"), ("openvswitch", "VLAN"),
+                                               ("openvswitch", "VXLAN")],
+                         ids=["linuxbridge-vxlan", "openvswitch-vlan", "openvswitch-vxlan"])
 def test_isolated_networks_across_two_hosts(make_cloud, vswitch: str, isolation: str) -> None:
     if vswitch == "openvswitch" and (reason := ovs.unavailable_reason()):
         pytest.skip(f"no Open vSwitch: {reason}")
