@@ -35,6 +35,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -284,6 +285,7 @@ def up(state_dir: Path | str | None = None, *, log: Log = print, timeout: float 
 
         ensure("controller", "cumulo-controller", [str(bin_dir / "cumulo-controller")], layout.controller_log, {})
         daemons: dict[str, libvirtd.PrivateLibvirtd] = {}
+        hypervisors_started: float | None = None  # wall-clock time a libvirtd (so its guests) was started anew
         for host in manifests.hosts:
             netns = lab.hosts[host]
             running = libvirtd.PrivateLibvirtd.attach(layout.libvirtd_dir(host))
@@ -292,12 +294,14 @@ def up(state_dir: Path | str | None = None, *, log: Log = print, timeout: float 
                 log(f"restarting the libvirtd of {host} inside {netns} (its guests are destroyed and restarted)")
                 running.stop(STOP_TIMEOUT)
             daemon = libvirtd.PrivateLibvirtd(layout.libvirtd_dir(host), netns=netns)
+            before = time.time()
             try:
                 daemon.start(detach=True)
             except libvirtd.LibvirtUnavailable as error:
                 raise LocalCloudError(f"the libvirtd of {host} did not start: {error}") from None
             if daemon.startup_seconds is not None:
                 started.append(f"libvirtd/{host}")
+                hypervisors_started = hypervisors_started or before
             daemons[host] = daemon
         for host in manifests.hosts:
             daemon = daemons[host]
@@ -325,7 +329,7 @@ def up(state_dir: Path | str | None = None, *, log: Log = print, timeout: float 
             applied["quickstart"] = quickstart_applied
         _save(layout, components, applied, lab)
         hosts = _wait_hosts_up(plane, manifests.hosts, components, layout, timeout)
-        vms, addresses = _wait_vms_running(plane, manifests.vms, log, timeout)
+        vms, addresses = _wait_vms_running(plane, manifests.vms, log, timeout, hypervisors_started)
         public_ips = _wait_public_ips(plane, manifests, timeout)
 
     plane_state = processes.read_json(plane.state_path) or {}
@@ -366,7 +370,7 @@ def down(state_dir: Path | str | None = None, *, log: Log = print) -> list[str]:
         # The lab last: what is left in its namespaces (routers' dnsmasqs, guests) goes with them.
         prefix = lab.prefix if lab is not None else layout.lab_prefix
         if _lab_exists(prefix):
-            netlab.remove_lab(prefix)
+            _remove_lab(prefix)
             stopped.append(f"network lab {prefix}")
         if envtest.ControlPlane.attach(layout.control_plane) is not None:
             stopped.append("control plane")
@@ -408,7 +412,17 @@ def _links(netns: str | None = None) -> set[str]:
 
 
 def _lab_exists(prefix: str) -> bool:
-    return any(name.startswith(f"{prefix}-") for name in netlab.list_netns()) or f"{prefix}u" in _links()
+    return any(name.startswith(f"{prefix}-") for name in netlab.list_netns()) or \
+        any(name.startswith(prefix) for name in _links())
+
+
+def _remove_lab(prefix: str) -> None:
+    """netlab.remove_lab, and the root ends of veths whose namespace lost its name but lives on in a process
+    (``ip netns delete`` under a running libvirtd): they would block the rebuild."""
+    netlab.remove_lab(prefix)
+    for name in sorted(_links()):
+        if name.startswith(prefix):
+            netlab.run(["ip", "link", "delete", name], check=False)
 
 
 def _lab_whole(lab: Lab) -> bool:
@@ -430,7 +444,7 @@ def _ensure_lab(layout: Layout, manifests: Quickstart, log: Log) -> Lab:
         return lab
     if _lab_exists(prefix):
         log(f"network lab {prefix} is incomplete; rebuilding it (what ran inside it is restarted)")
-        netlab.remove_lab(prefix)
+        _remove_lab(prefix)
     log(f"building network lab {prefix}: hosts {', '.join(manifests.hosts)} and the public side "
         f"{manifests.public_gateway}")
     try:
@@ -439,7 +453,7 @@ def _ensure_lab(layout: Layout, manifests: Quickstart, log: Log) -> Lab:
             built.add_host(host)
         built.add_public(manifests.public_gateway)
     except netlab.NetLabError as error:
-        netlab.remove_lab(prefix)
+        _remove_lab(prefix)
         raise LocalCloudError(f"cannot build the network lab: {error}") from None
     return lab
 
@@ -592,10 +606,14 @@ def _seed_tiny_guest(log: Log) -> None:
         stamp.write_text(digest)
 
 
-def _wait_vms_running(plane: envtest.ControlPlane, vms: list[tuple[str, str]], log: Log,
-                      timeout: float) -> tuple[dict[str, str], dict[str, str]]:
+def _wait_vms_running(plane: envtest.ControlPlane, vms: list[tuple[str, str]], log: Log, timeout: float,
+                      since: float | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """Wait until the quickstart's guests run, their consoles show the boot marker and, for a guest with a NIC,
-    the address IPAM gave its first NIC, leased by DHCP from the virtual router. Their phases and addresses."""
+    the address IPAM gave its first NIC, leased by DHCP from the virtual router. Their phases and addresses.
+
+    Only the console of the guest's latest start counts (after the agent's last ``[cumulo-agent <time>] starting
+    domain`` line), and with ``since`` (a hypervisor was started anew, its guests destroyed) only a start after it:
+    the log is appended to across restarts, so an older boot's markers are still in it."""
     deadline = time.monotonic() + timeout
     phases = _vm_phases(plane, vms)
     addresses: dict[str, str] = {}
@@ -608,7 +626,7 @@ def _wait_vms_running(plane: envtest.ControlPlane, vms: list[tuple[str, str]], l
             phases[key] = status.get("phase") or "(no phase yet)"
             console = ((status.get("node") or {}).get("consoleLog"))
             address = next((nic.get("ipAddress") for nic in status.get("nics") or []), None)
-            text = _read(Path(console)) if console else ""
+            text = _current_boot(_read(Path(console)) if console else "", since)
             if phases[key] == "Running" and guestimage.BOOT_MARKER in text:
                 marker = f"{guestimage.IP_PREFIX}eth0 {address}"
                 if address is None:
@@ -625,6 +643,26 @@ def _wait_vms_running(plane: envtest.ControlPlane, vms: list[tuple[str, str]], l
                                   f"DHCP lease, after {timeout:.0f}s: {ready.get('reason')}: {ready.get('message')}"
                                   + (f"\nconsole {console}:\n{_read(Path(console))[-2000:]}" if console else ""))
     return phases, addresses
+
+
+_START_LINE = re.compile(r"^\[cumulo-agent (\S+)\] starting domain ", re.M)
+
+
+def _current_boot(console: str, since: float | None) -> str:
+    """The part of a console log written since the guest's last start (all of it when it has no start line);
+    "" when that start is older than ``since``."""
+    starts = list(_START_LINE.finditer(console))
+    if not starts:
+        return console if since is None else ""
+    last = starts[-1]
+    if since is not None:
+        try:
+            stamp = _timestamp(last.group(1))
+        except ValueError:
+            stamp = None
+        if stamp is None or stamp < int(since):  # the line has whole seconds
+            return ""
+    return console[last.end():]
 
 
 def _wait_public_ips(plane: envtest.ControlPlane, manifests: Quickstart, timeout: float) -> dict[str, str]:
@@ -695,10 +733,11 @@ def _summary(cloud: Cloud, layout: Layout, plane: envtest.ControlPlane, componen
     if cloud.lab is not None:
         lines += [
             "",
-            f"Each host is a network namespace of lab {cloud.lab.prefix} ("
+            f"Network lab {cloud.lab.prefix}: each host is a network namespace ("
             + ", ".join(f"{host}: {netns}" for host, netns in cloud.lab.hosts.items())
-            + f") with a private libvirtd (QEMU/TCG) inside; {cloud.lab.public} holds the public gateway "
-            "(the internet).",
+            + ") with its bridges cloudbr0 (guest VXLAN)",
+            f"and cloudbr1 (public) and a private libvirtd (QEMU/TCG) inside; {cloud.lab.public} holds the public "
+            "gateway (the internet).",
         ]
         for name, address in cloud.public_ips.items():
             lines += [f"  public ip {name}: {address}; from the internet:",
@@ -711,6 +750,7 @@ def _summary(cloud: Cloud, layout: Layout, plane: envtest.ControlPlane, componen
         "  kubectl get hosts,storagepools -o wide",
         "  kubectl get cumulo -A                         # every Cumulo object",
         "  kubectl get vm -n demo                        # the demo guest",
+        "  kubectl get networks,pip,vr -n demo           # its network, public IPs and virtual router",
         "  kubectl explain virtualmachine.spec           # the API, documented",
         "",
         "Stop everything with `make down`.",
