@@ -313,9 +313,21 @@ class RouterRuntime:
             await network.release_segment(old)
         if await asyncio.to_thread(links.ensure_addresses, netns, ifname, interface.addresses):
             changed = True
+            await self._announce(netns, ifname, interface.addresses)
         if await self._tx_offload_off(netns, ifname):
             changed = True
         return changed
+
+    async def _announce(self, netns: str, ifname: str, addresses: list[str]) -> None:
+        """Gratuitous ARP for new addresses: a router that moved to another host (same addresses, same MACs)
+        is found at once by the segment's bridges and the neighbours' ARP caches, not after they expire.
+        Best effort: a neighbour that misses it learns the usual way."""
+        for address in addresses:
+            try:
+                await self.executor.run(["ip", "netns", "exec", netns, "busybox", "arping", "-U", "-c", "1", "-w", "1",
+                                         "-I", ifname, address.split("/")[0]], timeout=5)
+            except CommandError:
+                pass
 
     # -- dnsmasq -------------------------------------------------------------------------------------
 

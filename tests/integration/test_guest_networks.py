@@ -261,3 +261,38 @@ def test_basic_zone_security_group_allows_port_22_from_one_cidr_only(make_cloud)
                     what="port 80 opened") == "server"
     assert http(nc.guest_netns("outsider"), "10.50.0.100", 22, timeout=2) is None
 
+
+
+def test_the_router_moves_when_its_host_fails(make_cloud) -> None:
+    nc = make_cloud()
+    offering = nc.network_offering("Isolated", ISOLATED_SERVICES)
+    nc.network("net", offering)
+    nc.vm("g1", ["net"], host="h2")
+    nc.running("g1")
+    status = implemented(nc, "net")
+    first = status["router"]["host"]
+    assert first == nc.host_names["h1"], "the least loaded host (by name on a tie) should run the router"
+    address = nc.dhcp_address("g1")
+    nc.create("publicipaddresses", "PublicIPAddress", "ip", {"zone": nc.zone, "network": "net",
+                                                              "staticNat": {"virtualMachine": {"name": "g1"}}})
+    nat_ip = wait_for(lambda: nc.status("publicipaddresses", "ip").get("ipAddress"), timeout=20, what="ip")
+    nc.create("firewallrules", "FirewallRule", "http", {"publicIpAddress": "ip", "protocol": "TCP",
+                                                         "ports": {"start": 80, "end": 80}})
+    wait_for(lambda: http(nc.public.netns, nat_ip) == "g1", timeout=30, what="static NAT to g1")
+
+    # h1 fails: its agent dies and its links go dark (the router in it is cut off with it).
+    nc.agent_processes[first].kill()
+    for nic in ("eth0", "eth1"):
+        nc.lab_hosts[first].exec(["ip", "link", "set", nic, "down"])
+    moved = wait_for(lambda: (s := nc.status("networks", "net")).get("router", {}).get("host") not in (None, first)
+                     and s.get("phase") == "Implemented" and s, timeout=90, what="the router moved and running")
+    assert moved["router"]["host"] == nc.host_names["h2"]
+    assert moved["sourceNatIp"] == status["sourceNatIp"] and moved["broadcastUri"] == status["broadcastUri"]
+    assert wait_for(lambda: http(nc.public.netns, nat_ip) == "g1", timeout=20, what="static NAT via the new router")
+    assert f"ip={address}" in nc.renew_lease("g1", timeout=30)
+    server = nc.peer_server(nc.public.netns, 8082)
+    try:
+        assert wait_for(lambda: tcp(nc.guest_netns("g1"), PUBLIC_GATEWAY, 8082), timeout=10,
+                        what="g1 reaching the public side") == nat_ip
+    finally:
+        server.kill()
