@@ -200,3 +200,55 @@ def test_rules_are_folded_into_the_router_configuration():
         await runtime.stop()
 
     asyncio.run(scenario())
+
+
+def test_l2_networks_take_a_vni_but_no_addresses_and_shared_ones_are_visible_only_where_opened():
+    async def scenario():
+        api = FakeApi()
+        network_world(api)
+        api.put("networkofferings", obj("NetworkOffering", "l2", {"guestIpType": "L2"}))
+        api.put("networkofferings", obj("NetworkOffering", "shared", {"guestIpType": "Shared",
+                                                                      "services": [{"name": "Dhcp"}]}))
+        api.put("networks", obj("Network", "seg", {"networkOffering": "l2", "zone": "z1"}, namespace="demo"))
+        api.put("networks", obj("Network", "lan", {"networkOffering": "shared", "zone": "z1", "cidr": "10.7.0.0/24",
+                                                   "gateway": "10.7.0.1", "startIp": "10.7.0.100",
+                                                   "endIp": "10.7.0.200", "sharedWith": {"namespaces": ["other"]}},
+                                namespace="infra"))
+        runtime = await start(api)
+        agent_downloads(api)
+        api.put("virtualmachines", obj("VirtualMachine", "l2vm", {
+            "serviceOffering": "small", "template": {"name": "tiny"}, "zone": "z1",
+            "nics": [{"network": {"name": "seg"}}, {"network": {"name": "lan", "namespace": "infra"}}]},
+            namespace="demo"))
+        await settle(runtime)
+        vm = api.get("virtualmachines", "l2vm", "demo")
+        ready = conditions(vm)["NetworkReady"]
+        assert ready["reason"] == "NetworkNotVisible" and "not shared with namespace demo" in ready["message"]
+
+        lan = api.get("networks", "lan", "infra")
+        lan["spec"]["sharedWith"] = {"namespaces": ["other", "demo"]}
+        api.put("networks", lan)
+        await settle(runtime)
+        vm = api.get("virtualmachines", "l2vm", "demo")
+        seg_nic, lan_nic = vm["status"]["nics"]
+        assert "ipAddress" not in seg_nic and seg_nic["macAddress"].startswith("02:")
+        assert lan_nic["ipAddress"] == "10.7.0.100" and lan_nic["deviceId"] == 1
+        seg = api.get("networks", "seg", "demo")
+        assert seg["status"]["phase"] == "Implemented" and seg["status"]["broadcastUri"] == "vxlan://5000"
+        assert "router" not in seg["status"] and api.get("virtualrouters", "seg", "demo") is None
+        lan = api.get("networks", "lan", "infra")
+        # A shared network's router is not its gateway: it takes an address of the range.
+        assert lan["status"]["router"]["guestIp"] == "10.7.0.101"
+        assert "broadcastUri" not in lan["status"]  # untagged: the guest label bridge itself
+        router = api.get("virtualrouters", "lan", "infra")
+        assert router["spec"]["guest"]["segment"]["bridge"] == "cloudbr0" and router["spec"]["gateway"] == "10.7.0.1"
+        assert "public" not in router["spec"]
+
+        # A network in use cannot go: the deletion waits, saying for whom.
+        await runtime.api.delete(runtime.store.kinds["networks"], "seg", "demo")
+        await settle(runtime)
+        seg = api.get("networks", "seg", "demo")
+        assert seg is not None and "VirtualMachine demo/l2vm" in conditions(seg)["DeletionBlocked"]["message"]
+        await runtime.stop()
+
+    asyncio.run(scenario())
