@@ -645,7 +645,7 @@ def _wait_vms_running(plane: envtest.ControlPlane, vms: list[tuple[str, str]], l
     return phases, addresses
 
 
-_START_LINE = re.compile(r"^\[cumulo-agent (\S+)\] starting domain ", re.M)
+_START_LINE = re.compile(r"^\[cumulo-agent (\S+)\] starting domain .*$", re.M)
 
 
 def _current_boot(console: str, since: float | None) -> str:
