@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
+import heapq
 import ipaddress
 import typing as t
 from collections.abc import Iterable
@@ -30,8 +31,10 @@ class AllocationError(Exception):
 class Pool:
     """Integers from inclusive ``ranges`` minus ``reserved``, each held by at most one owner.
 
-    ``allocate`` is idempotent per owner and gives the lowest free value (after the owner's previous one,
-    a cursor keeps a busy pool from being rescanned from the start on every allocation)."""
+    ``allocate`` is idempotent per owner and gives the lowest free value. Finding it never rescans the used
+    values: a cursor (``_next``) marks how far allocation has walked the ranges, and every value below it
+    that became free again (a release) waits in a min-heap (``_freed``), so filling a pool and replacing its
+    owners cost O(log n) per allocation (a /16 fills in a fraction of a second, not minutes)."""
 
     def __init__(self, ranges: Iterable[tuple[int, int]], reserved: Iterable[int] = (), *,
                  describe: t.Callable[[int], str] = str) -> None:
@@ -41,6 +44,10 @@ class Pool:
         self._owner_of: dict[int, str] = {}
         self._value_of: dict[str, int] = {}
         self._starts = [start for start, _ in self.ranges]
+        # Every free, unreserved value below ``_next`` is in ``_freed`` (entries taken since, by a record or
+        # a wanted value, are skipped when popped).
+        self._next = self.ranges[0][0] if self.ranges else 0
+        self._freed: list[int] = []
         self.size = sum(end - start + 1 for start, end in self.ranges) - \
             sum(1 for value in self.reserved if self.contains(value))
 
@@ -103,17 +110,26 @@ class Pool:
         value = self._value_of.pop(owner, None)
         if value is not None:
             self._owner_of.pop(value, None)
+            if value < self._next and value not in self.reserved and self.contains(value):
+                heapq.heappush(self._freed, value)
         return value
 
     def _first_free(self) -> int | None:
         if self.used >= self.size:
             return None
+        while self._freed:
+            value = heapq.heappop(self._freed)
+            if value not in self._owner_of:
+                return value
+        # Nothing freed below the cursor: walk on from it (past values recorded or wanted meanwhile).
         for start, end in self.ranges:
-            value = start
+            value = max(start, self._next)
             while value <= end:
                 if value not in self._owner_of and value not in self.reserved:
+                    self._next = value + 1
                     return value
                 value += 1
+        self._next = self.ranges[-1][1] + 1 if self.ranges else 0
         return None
 
 
