@@ -125,6 +125,26 @@ class ObjectReconciler(abc.ABC):
         """Hook: more coroutines to run beside the queue (sweeps)."""
         return []
 
+    async def sweep_loop(self, sweep: t.Callable[[], t.Awaitable[None]], *, seconds: float, wake: asyncio.Event,
+                         swept: asyncio.Event, what: str) -> None:
+        """Run ``sweep`` once the informer has listed everything, then every ``seconds`` or soon after ``wake``
+        is set (one run for a burst of wakes). A failing run is logged; the next turn tries again."""
+        await self.informer.synced.wait()
+        while True:
+            try:
+                await sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logging.getLogger(type(self).__module__).exception(f"{what} failed")
+            swept.set()
+            try:
+                await asyncio.wait_for(wake.wait(), seconds)
+                await asyncio.sleep(0.5)  # one sweep for a burst of events
+            except TimeoutError:
+                pass
+            wake.clear()
+
     # -- status ----------------------------------------------------------------------------------
 
     async def report(self, key: str, obj: t.Mapping[str, t.Any], value: t.Mapping[str, t.Any] | None) -> bool:

@@ -157,24 +157,8 @@ class RouterReconciler(ObjectReconciler):
     # -- sweep: orphans ----------------------------------------------------------------------------
 
     def background(self) -> list[t.Coroutine[t.Any, t.Any, None]]:
-        return [self._sweeper()]
-
-    async def _sweeper(self) -> None:
-        await self.informer.synced.wait()
-        while True:
-            try:
-                await self.sweep()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("router sweep failed")
-            self.swept.set()
-            try:
-                await asyncio.wait_for(self._sweep_wake.wait(), self.sweep_seconds)
-                await asyncio.sleep(0.5)  # one sweep for a burst of events
-            except TimeoutError:
-                pass
-            self._sweep_wake.clear()
+        return [self.sweep_loop(self.sweep, seconds=self.sweep_seconds, wake=self._sweep_wake, swept=self.swept,
+                                what="router sweep")]
 
     def _explained(self, objects: t.Iterable[t.Mapping[str, t.Any]]) -> set[str]:
         """uid[:8] of the Networks whose routers these objects want on this agent's hosts."""

@@ -178,8 +178,8 @@ class VmReconciler(ObjectReconciler):
         self._enforced: set[str] = set()  # uids whose security groups this process applied
         self._segments: dict[str, dict[str, Segment]] = {}  # host -> bridge -> segment ensured by this process
         self._enforcers: dict[str, SecurityGroupEnforcer] = {}
-        self._unused: dict[str, set[str]] = {}
-        self._released: set[str] = set()  # uids of stopped guests whose rules and segments were released  # host -> bridges no guest wanted at the last sweep
+        self._unused: dict[str, set[str]] = {}  # host -> bridges no guest wanted at the last sweep
+        self._released: set[str] = set()  # uids of stopped guests whose rules and segments were released
         self._sweep_wake = asyncio.Event()
         self.swept = asyncio.Event()  # the first sweep is done (tests, readiness)
 
@@ -474,28 +474,15 @@ class VmReconciler(ObjectReconciler):
     # -- sweep: adoption and orphans -----------------------------------------------------------
 
     def background(self) -> list[t.Coroutine[t.Any, t.Any, None]]:
-        return [self._sweeper()]
+        self._last_janitor = -self.janitor_seconds
+        return [self.sweep_loop(self._sweep_and_janitor, seconds=self.sweep_seconds, wake=self._sweep_wake,
+                                swept=self.swept, what="domain sweep")]
 
-    async def _sweeper(self) -> None:
-        await self.informer.synced.wait()
-        last_janitor = -self.janitor_seconds
-        while True:
-            try:
-                await self.sweep()
-                if time.monotonic() - last_janitor >= self.janitor_seconds:
-                    last_janitor = time.monotonic()
-                    await self.janitor()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("domain sweep failed")
-            self.swept.set()
-            try:
-                await asyncio.wait_for(self._sweep_wake.wait(), self.sweep_seconds)
-                await asyncio.sleep(0.5)  # one sweep for a burst of events
-            except TimeoutError:
-                pass
-            self._sweep_wake.clear()
+    async def _sweep_and_janitor(self) -> None:
+        await self.sweep()
+        if time.monotonic() - self._last_janitor >= self.janitor_seconds:
+            self._last_janitor = time.monotonic()
+            await self.janitor()
 
     def _hypervisors(self) -> list[tuple[str, HypervisorDriver]]:
         seen: dict[int, tuple[str, HypervisorDriver]] = {}
