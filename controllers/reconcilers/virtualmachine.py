@@ -35,7 +35,7 @@ from controllers.api.v1alpha1.virtualmachine import (
 )
 from controllers.api.v1alpha1.volume import VolumeType
 from controllers.api.v1alpha1.zone import AllocationAlgorithm
-from controllers.conditions import Check, find, first_failure
+from controllers.conditions import Check, find, first_failure, is_true
 from controllers.reconcilers.base import InventoryReconciler
 from controllers.reconcilers.network import guest_segment, network_key, nic_networks, nic_owner, offers, traffic_rule
 from controllers.runtime import Result, deleting, utcnow
@@ -102,7 +102,11 @@ class VirtualMachineReconciler(InventoryReconciler):
             "templates": lambda tmpl: vms("template", f"{tmpl.metadata.namespace}/{tmpl.metadata.name}"),
             "hosts": unscheduled,
             "storagepools": unscheduled,
-            "networks": lambda n: vms("nic-network", network_key(n.metadata.namespace, n.metadata.name)),
+            # Only guests still waiting for the network: a running guest's NICs do not follow the network's
+            # counters, and a burst of allocations would otherwise requeue every guest on it each time.
+            "networks": lambda n: [self.key(vm.metadata.name, vm.metadata.namespace) for vm in self.store.by(
+                "virtualmachines", "nic-network", network_key(n.metadata.namespace, n.metadata.name))
+                if not is_true(vm.status.conditions, NETWORK_READY)],
             "securitygroups": lambda g: self._security_group_users(g),
             "virtualmachines": lambda vm: [k for g in vm.spec.affinity_groups
                                            for k in vms("affinity", f"{vm.metadata.namespace}/{g}")
@@ -324,7 +328,8 @@ class VirtualMachineReconciler(InventoryReconciler):
         checks[STORAGE_READY] = storage
         network = self._network_check(vm, status)
         checks[NETWORK_READY] = network
-        if not storage.ok or not network.ok:
+        # A running guest keeps running while its network re-implements (a router moving hosts).
+        if not storage.ok or (not network.ok and not running_here):
             return first_failure(storage, network), VmPhase.STARTING
         status.launch = self._launch(vm, offering, template, root, data, status.placement.host, status)
         if running_here:
