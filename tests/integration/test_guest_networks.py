@@ -287,6 +287,7 @@ def test_the_router_moves_when_its_host_fails(make_cloud) -> None:
     moved = wait_for(lambda: (s := nc.status("networks", "net")).get("router", {}).get("host") not in (None, first)
                      and s.get("phase") == "Implemented" and s, timeout=90, what="the router moved and running")
     assert moved["router"]["host"] == nc.host_names["h2"]
+    assert nc.status("virtualmachines", "g1")["phase"] == "Running", "the guest was disturbed by the move"
     assert moved["sourceNatIp"] == status["sourceNatIp"] and moved["broadcastUri"] == status["broadcastUri"]
     assert wait_for(lambda: http(nc.public.netns, nat_ip) == "g1", timeout=20, what="static NAT via the new router")
     assert f"ip={address}" in nc.renew_lease("g1", timeout=30)
