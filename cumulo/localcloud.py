@@ -329,7 +329,8 @@ def up(state_dir: Path | str | None = None, *, log: Log = print, timeout: float 
             applied["quickstart"] = quickstart_applied
         _save(layout, components, applied, lab)
         hosts = _wait_hosts_up(plane, manifests.hosts, components, layout, timeout)
-        vms, addresses = _wait_vms_running(plane, manifests.vms, log, timeout, hypervisors_started)
+        vms, addresses = _wait_vms_running(plane, manifests.vms, log, timeout, hypervisors_started,
+                                           {host: daemon.uri for host, daemon in daemons.items()})
         public_ips = _wait_public_ips(plane, manifests, timeout)
 
     plane_state = processes.read_json(plane.state_path) or {}
@@ -607,19 +608,26 @@ def _seed_tiny_guest(log: Log) -> None:
 
 
 def _wait_vms_running(plane: envtest.ControlPlane, vms: list[tuple[str, str]], log: Log, timeout: float,
-                      since: float | None = None) -> tuple[dict[str, str], dict[str, str]]:
+                      since: float | None = None, uris: Mapping[str, str] | None = None,
+                      ) -> tuple[dict[str, str], dict[str, str]]:
     """Wait until the quickstart's guests run, their consoles show the boot marker and, for a guest with a NIC,
     the address IPAM gave its first NIC, leased by DHCP from the virtual router. Their phases and addresses.
 
     Only the console of the guest's latest start counts (after the agent's last ``[cumulo-agent <time>] starting
     domain`` line), and with ``since`` (a hypervisor was started anew, its guests destroyed) only a start after it:
-    the log is appended to across restarts, so an older boot's markers are still in it."""
+    the log is appended to across restarts, so an older boot's markers are still in it.
+
+    A guest whose domain has fewer interfaces than its launch asks for (it was started before the quickstart gave
+    it its NIC: a state directory of an older Cumulo) is stopped and started again through its spec; a running
+    domain is adopted as it is, never re-plugged. ``uris``: each host's libvirt URI, to look at the domain."""
     deadline = time.monotonic() + timeout
     phases = _vm_phases(plane, vms)
     addresses: dict[str, str] = {}
     for namespace, name in vms:
         key = f"{namespace}/{name}"
         console = None
+        checked: str | None = None  # the domain run (uuid + start time) whose interfaces were counted
+        restarting = False
         while time.monotonic() < deadline:
             result = plane.kubectl("get", "virtualmachine", name, "-n", namespace, "-o", "json", check=False)
             status = (json.loads(result.stdout).get("status") or {}) if result.returncode == 0 else {}
@@ -627,7 +635,12 @@ def _wait_vms_running(plane: envtest.ControlPlane, vms: list[tuple[str, str]], l
             console = ((status.get("node") or {}).get("consoleLog"))
             address = next((nic.get("ipAddress") for nic in status.get("nics") or []), None)
             text = _current_boot(_read(Path(console)) if console else "", since)
-            if phases[key] == "Running" and guestimage.BOOT_MARKER in text:
+            if restarting:
+                if phases[key] == "Stopped":
+                    plane.kubectl("patch", "virtualmachine", name, "-n", namespace, "--type", "merge",
+                                  "--field-manager=cumulo-quickstart", "-p", '{"spec":{"state":"Running"}}')
+                    restarting, since = False, time.time()
+            elif phases[key] == "Running" and guestimage.BOOT_MARKER in text:
                 marker = f"{guestimage.IP_PREFIX}eth0 {address}"
                 if address is None:
                     log(f"{key} is Running; its console ({console}) shows {guestimage.BOOT_MARKER!r}")
@@ -636,6 +649,17 @@ def _wait_vms_running(plane: envtest.ControlPlane, vms: list[tuple[str, str]], l
                     log(f"{key} is Running; its console ({console}) shows {marker!r} (its DHCP lease)")
                     addresses[key] = address
                     break
+                node, launch = status.get("node") or {}, status.get("launch") or {}
+                run = f"{node.get('domainUuid')}@{node.get('startedAt')}"
+                if uris and launch.get("nics") and checked != run and node.get("host") in uris:
+                    checked = run
+                    plugged = _domain_interfaces(uris[node["host"]], node.get("domainUuid"))
+                    if plugged is not None and plugged < len(launch["nics"]):
+                        log(f"{key} runs with {plugged} of its {len(launch['nics'])} NICs (started before they "
+                            "were added); stopping and starting it")
+                        plane.kubectl("patch", "virtualmachine", name, "-n", namespace, "--type", "merge",
+                                      "--field-manager=cumulo-quickstart", "-p", '{"spec":{"state":"Stopped"}}')
+                        restarting = True
             time.sleep(0.5)
         else:
             ready = next((c for c in status.get("conditions", []) if c.get("type") == "Ready"), {})
@@ -663,6 +687,25 @@ def _current_boot(console: str, since: float | None) -> str:
         if stamp is None or stamp < int(since):  # the line has whole seconds
             return ""
     return console[last.end():]
+
+
+def _domain_interfaces(uri: str, uuid: str | None) -> int | None:
+    """How many network interfaces the running domain ``uuid`` has (None: cannot tell)."""
+    import libvirt
+
+    if not uuid:
+        return None
+    libvirt.registerErrorHandler(lambda *_: None, None)  # errors are exceptions; libvirt prints them otherwise
+    try:
+        connection = libvirt.open(uri)
+    except libvirt.libvirtError:
+        return None
+    try:
+        return connection.lookupByUUIDString(uuid).XMLDesc().count("<interface ")
+    except libvirt.libvirtError:
+        return None
+    finally:
+        connection.close()
 
 
 def _wait_public_ips(plane: envtest.ControlPlane, manifests: Quickstart, timeout: float) -> dict[str, str]:
