@@ -16,7 +16,8 @@ import typing as t
 
 import kopf
 
-from controllers import kinds
+from controllers import kinds, metrics
+from controllers import log as controller_log
 from controllers.api.v1alpha1.common import GROUP
 from controllers.kubeapi import KubeApi, load_client
 from controllers import reconcilers
@@ -49,6 +50,7 @@ def register(registry: kopf.OperatorRegistry, options: argparse.Namespace) -> No
         runtime = Runtime(KubeApi(load_client(options.kubeconfig)), kinds.ALL, reconcilers.ALL,
                           workers=options.workers)
         runtime.reconcilers["hosts"].alert_after_seconds = options.host_alert_after
+        metrics.watch_runtime(runtime)
         await runtime.start()
         state["runtime"] = runtime
         log.info("primed %d kinds; reconciling with %d workers", len(kinds.ALL), options.workers)
@@ -88,14 +90,26 @@ def parse_args(argv: t.Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--host-alert-after", type=float, default=300.0,
                         help="seconds a Disconnected host waits before it goes to Alert")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="json: one object per line (time, level, logger, msg, fields), as cumulo-agent writes")
+    parser.add_argument("--metrics-port", type=int, default=8080,
+                        help="serve Prometheus metrics on this port at /metrics (0: no metrics server)")
+    parser.add_argument("--metrics-address", default="0.0.0.0", help="address the metrics server listens on")
     return parser.parse_args(argv)
 
 
 def main(argv: t.Sequence[str] | None = None) -> int:
     options = parse_args(argv)
-    logging.basicConfig(level=options.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    controller_log.setup(options.log_level, options.log_format)
     # kopf logs every watch event it hands over; the runtime logs what it does with them.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    if options.metrics_port:
+        try:
+            metrics.serve(options.metrics_port, options.metrics_address)
+            log.info("serving metrics on %s:%d/metrics", options.metrics_address, options.metrics_port)
+        except OSError as error:  # reconciling matters more than metrics: say so and carry on
+            log.error("cannot serve metrics on %s:%d: %s; running without", options.metrics_address,
+                      options.metrics_port, error)
     registry = kopf.OperatorRegistry()
     register(registry, options)
     # Standalone: one active replica for now (leader election arrives with the Helm chart).

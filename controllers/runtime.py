@@ -21,6 +21,7 @@ import logging
 import time
 import typing as t
 
+from controllers import metrics
 from controllers.api.v1alpha1.common import API_VERSION, FINALIZER, GROUP, VERSION, Resource
 
 log = logging.getLogger(__name__)
@@ -332,7 +333,7 @@ class Runtime:
             return
         started = time.monotonic()
         try:
-            result = await reconciler.reconcile(obj)
+            result = await metrics.timed_reconcile(reconciler.kind.kind or plural, reconciler.reconcile(obj))
         except Conflict as error:
             # Someone changed the object under us; its watch event brings the new version.
             log.debug("conflict reconciling %s: %s", key, error)

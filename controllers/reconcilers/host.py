@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from controllers import inventory, kinds
+from controllers import inventory, kinds, metrics
 from controllers.api.v1alpha1 import Host
 from controllers.api.v1alpha1.host import HostState
 from controllers.hostmonitor import HostMonitor, Lease, connection_state
@@ -63,6 +63,10 @@ class HostReconciler(InventoryReconciler):
             [inventory.guest_of(vm, self.store.get("serviceofferings", vm.spec.service_offering))
              for vm in self.store.by("virtualmachines", ".status.placement.host", name)],
             self.store.by("storagepools", ".spec.host", name), ctx)
+
+    async def write_status(self, host: Host, status) -> None:
+        await super().write_status(host, status)
+        metrics.host_transition(host.status.state, status.state)
 
     def requeue(self, host: Host) -> Result:
         return Result(self._next_check.pop(host.metadata.name, None))

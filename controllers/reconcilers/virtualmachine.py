@@ -14,7 +14,7 @@ import dataclasses
 import datetime
 import typing as t
 
-from controllers import inventory, ipam, kinds, planner
+from controllers import inventory, ipam, kinds, metrics, planner
 from controllers.api.v1alpha1 import VirtualMachine
 from controllers.api.v1alpha1.common import API_VERSION, AllocationState
 from controllers.api.v1alpha1.host import HOST_LABEL, HostState
@@ -78,6 +78,7 @@ class VirtualMachineReconciler(InventoryReconciler):
         self.index("virtualmachines", "security-group", lambda vm: [network_key(vm.metadata.namespace, g)
                                                                      for g in vm.spec.security_groups])
         self._waiting_for_capacity: set[tuple[str, str]] = set()
+        self.placements = metrics.PlacementClock()
         self._inventory_cache: tuple[tuple, planner.Inventory] | None = None
 
     def primed(self) -> None:
@@ -117,6 +118,7 @@ class VirtualMachineReconciler(InventoryReconciler):
     def forget(self, key) -> None:
         self.ledger.release(f"{key[1]}/{key[2]}")
         self._waiting_for_capacity.discard((key[1], key[2]))
+        self.placements.forget(f"{key[1]}/{key[2]}")
 
     # -- references -----------------------------------------------------------------------------
 
@@ -255,12 +257,14 @@ class VirtualMachineReconciler(InventoryReconciler):
         offering, offering_ok = self._offering(vm)
         template, template_ok = self._template(vm)
         zone, zone_ok = self._zone(vm)
-        references = first_failure(zone_ok, offering_ok, template_ok, self._affinity_check(vm))
+        quota_ok = self._quota(vm)
+        references = first_failure(zone_ok, offering_ok, template_ok, self._affinity_check(vm), quota_ok)
         root, data = self._volumes(vm)
         wanted = DesiredState.RUNNING if vm.spec.state == DesiredState.RUNNING and not ctx.deleting \
             else DesiredState.STOPPED
         checks: dict[str, Check | None] = {}
-        nics = self._allocate_nics(vm, status) if not ctx.deleting else Check.passed()
+        # A guest waiting for quota allocates nothing (no addresses, no root disk, no placement).
+        nics = self._allocate_nics(vm, status) if not ctx.deleting and quota_ok.ok else Check.passed()
 
         if wanted == DesiredState.STOPPED or (not first_failure(references, nics).ok and not running):
             if status.launch is not None and not domain_stopped(vm):
@@ -278,7 +282,7 @@ class VirtualMachineReconciler(InventoryReconciler):
             ready = references if not references.ok else Check.failed(phase.value, f"the guest is {phase.value}")
             if wanted == DesiredState.RUNNING and not nics.ok:
                 ready = references if not references.ok else nics
-            checks[SCHEDULED] = None
+            checks[SCHEDULED] = quota_ok if wanted == DesiredState.RUNNING and not quota_ok.ok else None
             checks[NETWORK_READY] = nics if vm.spec.nics and not nics.ok else None
         else:
             status.destroyed_at = None
@@ -291,6 +295,11 @@ class VirtualMachineReconciler(InventoryReconciler):
             if status.launch and status.launch.nics else None
         status.conditions = inventory.conditions(previous.conditions, vm.metadata.generation, ctx, ready, **checks)
         return status
+
+    def _quota(self, vm: VirtualMachine) -> Check:
+        """The namespace's Quota admits the guest (see controllers.reconcilers.quota)."""
+        quotas = self.runtime.reconcilers.get("quotas")
+        return quotas.admission("virtualmachines", vm) if quotas is not None else Check.passed()
 
     def _affinity_check(self, vm: VirtualMachine) -> Check:
         missing = [g for g in vm.spec.affinity_groups
@@ -307,6 +316,7 @@ class VirtualMachineReconciler(InventoryReconciler):
         if status.placement is None or status.placement.host is None:
             decision = self._place(vm, offering, template, zone, root)
             if not decision.ok:
+                self.placements.failed(vm_key(vm), vm.spec.zone, decision.reason)
                 self._waiting_for_capacity.add((vm.metadata.namespace, vm.metadata.name))
                 checks[SCHEDULED] = Check.failed(decision.reason, decision.message)
                 return checks[SCHEDULED], VmPhase.STARTING
@@ -316,6 +326,7 @@ class VirtualMachineReconciler(InventoryReconciler):
                                          host=decision.host, storage_pool=decision.pool)
             self.ledger.reserve(vm_key(vm), decision.host, offering.spec.cpu_number, offering.spec.memory_mib,
                                 vm.metadata.namespace)
+            self.placements.placed(vm_key(vm), vm.spec.zone)
             checks[SCHEDULED] = Check.passed("Scheduled", decision.message)
         else:
             previous = find(vm.status.conditions, SCHEDULED)
@@ -546,7 +557,7 @@ class VirtualMachineReconciler(InventoryReconciler):
         if status.placement is None:
             self.ledger.release(vm_key(vm))
         root, _ = self._volumes(vm)
-        if vm.spec.state == DesiredState.RUNNING and root is None and self.store.get(
+        if vm.spec.state == DesiredState.RUNNING and root is None and self._quota(vm).ok and self.store.get(
                 "volumes", root_volume_name(vm), vm.metadata.namespace) is None:
             await api.create(kinds.VOLUMES, self._root_volume(vm))
         elif root is not None and not root.spec.storage_pool and status.placement and status.placement.storage_pool:
@@ -579,6 +590,12 @@ class VirtualMachineReconciler(InventoryReconciler):
         return Result()
 
     async def reconcile(self, vm: VirtualMachine) -> Result:
+        # Placement latency counts from the first reconcile of a guest that should run and has no host.
+        if vm.spec.state == DesiredState.RUNNING and not deleting(vm):
+            if not (vm.status.placement and vm.status.placement.host):
+                self.placements.waiting(vm_key(vm))
+        else:
+            self.placements.forget(vm_key(vm))
         if not deleting(vm) and vm.spec.state == DesiredState.DESTROYED and vm.status.destroyed_at is not None \
                 and domain_stopped(vm):
             due = vm.status.destroyed_at + datetime.timedelta(seconds=vm.spec.expunge_delay_seconds)
