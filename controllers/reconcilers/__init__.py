@@ -12,6 +12,7 @@ from controllers.reconcilers.offerings import (
 from controllers.reconcilers.network import NetworkReconciler, VirtualRouterReconciler
 from controllers.reconcilers.physicalnetwork import PhysicalNetworkReconciler
 from controllers.reconcilers.publicip import PublicIPAddressReconciler
+from controllers.reconcilers.quota import QuotaReconciler
 from controllers.reconcilers.rules import (
     FirewallRuleReconciler,
     LoadBalancerRuleReconciler,
@@ -32,4 +33,4 @@ INFRASTRUCTURE = (
 COMPUTE = (TemplateReconciler, VolumeReconciler, VirtualMachineReconciler)
 NETWORKING = (NetworkReconciler, VirtualRouterReconciler, PublicIPAddressReconciler, FirewallRuleReconciler, PortForwardingRuleReconciler,
               LoadBalancerRuleReconciler, SecurityGroupReconciler)
-ALL = INFRASTRUCTURE + NETWORKING + COMPUTE
+ALL = INFRASTRUCTURE + NETWORKING + COMPUTE + (QuotaReconciler,)

@@ -257,12 +257,14 @@ class VirtualMachineReconciler(InventoryReconciler):
         offering, offering_ok = self._offering(vm)
         template, template_ok = self._template(vm)
         zone, zone_ok = self._zone(vm)
-        references = first_failure(zone_ok, offering_ok, template_ok, self._affinity_check(vm))
+        quota_ok = self._quota(vm)
+        references = first_failure(zone_ok, offering_ok, template_ok, self._affinity_check(vm), quota_ok)
         root, data = self._volumes(vm)
         wanted = DesiredState.RUNNING if vm.spec.state == DesiredState.RUNNING and not ctx.deleting \
             else DesiredState.STOPPED
         checks: dict[str, Check | None] = {}
-        nics = self._allocate_nics(vm, status) if not ctx.deleting else Check.passed()
+        # A guest waiting for quota allocates nothing (no addresses, no root disk, no placement).
+        nics = self._allocate_nics(vm, status) if not ctx.deleting and quota_ok.ok else Check.passed()
 
         if wanted == DesiredState.STOPPED or (not first_failure(references, nics).ok and not running):
             if status.launch is not None and not domain_stopped(vm):
@@ -280,7 +282,7 @@ class VirtualMachineReconciler(InventoryReconciler):
             ready = references if not references.ok else Check.failed(phase.value, f"the guest is {phase.value}")
             if wanted == DesiredState.RUNNING and not nics.ok:
                 ready = references if not references.ok else nics
-            checks[SCHEDULED] = None
+            checks[SCHEDULED] = quota_ok if wanted == DesiredState.RUNNING and not quota_ok.ok else None
             checks[NETWORK_READY] = nics if vm.spec.nics and not nics.ok else None
         else:
             status.destroyed_at = None
@@ -293,6 +295,11 @@ class VirtualMachineReconciler(InventoryReconciler):
             if status.launch and status.launch.nics else None
         status.conditions = inventory.conditions(previous.conditions, vm.metadata.generation, ctx, ready, **checks)
         return status
+
+    def _quota(self, vm: VirtualMachine) -> Check:
+        """The namespace's Quota admits the guest (see controllers.reconcilers.quota)."""
+        quotas = self.runtime.reconcilers.get("quotas")
+        return quotas.admission("virtualmachines", vm) if quotas is not None else Check.passed()
 
     def _affinity_check(self, vm: VirtualMachine) -> Check:
         missing = [g for g in vm.spec.affinity_groups
@@ -550,7 +557,7 @@ class VirtualMachineReconciler(InventoryReconciler):
         if status.placement is None:
             self.ledger.release(vm_key(vm))
         root, _ = self._volumes(vm)
-        if vm.spec.state == DesiredState.RUNNING and root is None and self.store.get(
+        if vm.spec.state == DesiredState.RUNNING and root is None and self._quota(vm).ok and self.store.get(
                 "volumes", root_volume_name(vm), vm.metadata.namespace) is None:
             await api.create(kinds.VOLUMES, self._root_volume(vm))
         elif root is not None and not root.spec.storage_pool and status.placement and status.placement.storage_pool:
