@@ -56,6 +56,7 @@ SYSTEM_NAMESPACE = "cumulo-system"
 GROUP, VERSION = "cumulo.io", "v1alpha1"
 UP_TIMEOUT = 120.0  # seconds the hosts get to come Up
 STOP_TIMEOUT = 10.0  # SIGTERM grace period of every process
+AGENT_METRICS_PORT = 9180  # host i serves its metrics on 9180 + i (the controller: 8080)
 
 Log = Callable[[str], None]
 
@@ -303,12 +304,12 @@ def up(state_dir: Path | str | None = None, *, log: Log = print, timeout: float 
                 started.append(f"libvirtd/{host}")
                 hypervisors_started = hypervisors_started or before
             daemons[host] = daemon
-        for host in manifests.hosts:
+        for index, host in enumerate(manifests.hosts):
             daemon = daemons[host]
             ensure(f"agent/{host}", f"cumulo-agent-{host}", [
                 str(bin_dir / "cumulo-agent"), "--host", host, "--hypervisor", "libvirt",
                 "--libvirt-uri", daemon.uri, "--network-driver", "linuxbridge", "--host-netns", lab.hosts[host],
-                "--log-format", "text",
+                "--log-format", "text", "--metrics-port", str(AGENT_METRICS_PORT + index),
                 "--state-dir", str(layout.root / "hosts" / host / "agent"),
             ], layout.agent_log(host), {"libvirtd": daemon.record.to_json() if daemon.record else None})
         for name in sorted(set(components) - {"controller", *(f"agent/{host}" for host in manifests.hosts)}):

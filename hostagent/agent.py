@@ -25,7 +25,7 @@ import typing as t
 from controllers.api.v1alpha1.common import API_VERSION, GROUP, VERSION
 from controllers.api.v1alpha1.host import NODE_CLUSTER_LABEL, SIMULATOR_FAULTS_ANNOTATION, NodeInfo, StorageReport
 
-from . import inventory
+from . import inventory, metrics
 from .config import AgentConfig
 from .drivers.hypervisor import HostFacts, HypervisorDriver, HypervisorError
 from .drivers.network import NetworkDriver, NetworkError
@@ -386,6 +386,7 @@ class Agent:
                                              "apiserver": self.api.kube.server})
             tasks = [asyncio.create_task(worker.run(), name=f"host-{worker.name}") for worker in self.workers.values()]
             tasks += [asyncio.create_task(reconciler.run(), name=reconciler.kind) for reconciler in self.reconcilers]
+            tasks += [asyncio.create_task(loop, name="metrics") for loop in metrics.instrument(self)]
             await stop.wait()
         finally:
             for task in tasks:

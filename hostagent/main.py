@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from kubernetes.config.config_exception import ConfigException
 
 from . import log as agent_log
+from . import metrics
 from .agent import Agent, HostWorker, agent_version
 from .config import AgentConfig, ConfigError, default_private_ip, resolve_host_name, simulated_host_names
 from .drivers.hypervisor import HypervisorDriver
@@ -88,6 +89,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kubeconfig", help="default: $KUBECONFIG, ~/.kube/config, else in-cluster")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="json", choices=["json", "text"])
+    p.add_argument("--metrics-port", type=int, default=metrics.DEFAULT_PORT,
+                   help=f"serve Prometheus metrics at /metrics on this port (default {metrics.DEFAULT_PORT}; 0: off)")
+    p.add_argument("--metrics-address", default="0.0.0.0", help="address the metrics server listens on")
     return p
 
 
@@ -217,6 +221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if config.private_ip is None:
         config.private_ip = default_private_ip(configuration.host)
+    if options.metrics_port:
+        try:
+            metrics.serve(options.metrics_port, options.metrics_address)
+        except OSError as error:  # heartbeats matter more than metrics: say so and carry on
+            log.error("cannot serve metrics; running without", extra={
+                "address": options.metrics_address, "port": options.metrics_port, "error": str(error)})
     kube = Kube(configuration, user_agent=f"cumulo-agent/{agent_version()}",
                 max_connections=config.api_threads + 8)
     log.info("starting", extra={"hosts": len(config.hosts), "first_host": config.hosts[0],

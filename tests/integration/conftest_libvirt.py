@@ -139,6 +139,8 @@ class Agents:
     def start(self, name: str, *args: str, kubeconfig: Path | None = None, user: str | None = None) -> AgentProcess:
         if kubeconfig is None:
             kubeconfig, user = self.kubeconfig(name)
+        if "--metrics-port" not in args:  # many agents run at once: no metrics server unless a test asks
+            args = (*args, "--metrics-port", "0")
         agent = AgentProcess(name, ["--kubeconfig", str(kubeconfig), *args], self.directory / f"{name}.log",
                              user or "unknown")
         self.started.append(agent.start())
