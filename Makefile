@@ -1,6 +1,6 @@
 # The two commands: `make up` (a local cloud, left running) and `make test` (every test tier this
 # machine supports). Both install what a fresh machine lacks: Debian packages, uv and the locked
-# Python environment, and the Go-built kube-apiserver/kubectl/etcd (cached in ~/.cache/cumulo).
+# Python environment, and the Go-built kube-apiserver/kubectl/etcd/helm (cached in ~/.cache/cumulo).
 
 SHELL := /bin/bash
 PYTHON ?= python3.11

@@ -31,7 +31,7 @@ def _toolchain(args: argparse.Namespace) -> int:
         tool, version = args.pin
         toolchain.pin(toolchain.TOOLS[tool], version)
         return 0
-    toolchain.ensure_all()
+    toolchain.ensure_all(tools=toolchain.TOOLS.values())
     for tool in toolchain.TOOLS.values():
         print(f"{tool.name} {tool.version}: {toolchain.bin_dir(tool)}")
     return 0
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     crds.add_argument("--check", action="store_true", help="only report whether the directory is stale")
     crds.set_defaults(func=_crds)
 
-    tools = commands.add_parser("toolchain", help="build kube-apiserver, kubectl and etcd into the cache")
+    tools = commands.add_parser("toolchain", help="build kube-apiserver, kubectl, etcd and helm into the cache")
     tools.add_argument("--pin", nargs=2, metavar=("TOOL", "VERSION"), help="move a tool to a new upstream version")
     tools.set_defaults(func=_toolchain)
 

@@ -1,8 +1,12 @@
-"""Builds the Go binaries Cumulo runs against (kube-apiserver, kubectl, etcd) from the Go module proxy.
+"""Builds the Go binaries Cumulo runs against (kube-apiserver, kubectl, etcd, helm) from the Go module proxy.
 
 No release binaries can be downloaded where Cumulo is developed, so each tool has a small wrapper
 module under ``toolchain/<name>/`` whose ``go.mod``/``go.sum`` pin the exact upstream version.
 Builds are cached outside the repository, keyed by version, so only the first run pays for them.
+
+The control plane (kube-apiserver, kubectl, etcd) is what `cumulo up` and the integration tests need;
+helm is only for the chart's tests and users, so ``ensure_all`` builds the control plane unless asked
+for everything (`cumulo toolchain`, the Makefile's `toolchain` target, builds every tool).
 """
 
 from __future__ import annotations
@@ -39,12 +43,28 @@ class GoTool:
             raise RuntimeError(f"{self.module_dir}/go.mod does not require {self.main_module}")
         return match.group(1)
 
+    def requirement(self, module: str) -> str | None:
+        """The version of ``module`` in the wrapper module's go.mod (a dependency of the main module)."""
+        match = re.search(rf"^\s*(?:require\s+)?{re.escape(module)}\s+(v\S+)", (self.module_dir / "go.mod").read_text(),
+                          re.M)
+        return match.group(1) if match else None
+
     def ldflags(self) -> str:
         flags = "-s -w"
         if self.name == "kubernetes":
             major, minor = self.version.lstrip("v").split(".")[:2]
             for key, value in (("gitVersion", self.version), ("gitMajor", major), ("gitMinor", minor)):
                 flags += f" -X k8s.io/component-base/version.{key}={value}"
+        if self.name == "helm":
+            # What helm's own Makefile stamps: its version, and the Kubernetes version `helm template` and
+            # `helm lint` assume (.Capabilities.KubeVersion) from the client-go it was built with (v0.36 -> 1.36).
+            flags += f" -X helm.sh/helm/v3/internal/version.version={self.version}"
+            client_go = self.requirement("k8s.io/client-go")
+            if client_go:
+                minor = client_go.lstrip("v").split(".")[1]
+                for package in ("pkg/lint/rules", "pkg/chartutil"):
+                    flags += (f" -X helm.sh/helm/v3/{package}.k8sVersionMajor=1"
+                              f" -X helm.sh/helm/v3/{package}.k8sVersionMinor={minor}")
         return flags
 
 
@@ -58,7 +78,9 @@ ETCD = GoTool(
     "go.etcd.io/etcd/server/v3",
     {"etcd": "go.etcd.io/etcd/server/v3", "etcdctl": "go.etcd.io/etcd/etcdctl/v3"},
 )
-TOOLS = {tool.name: tool for tool in (KUBERNETES, ETCD)}
+HELM = GoTool("helm", "helm.sh/helm/v3", {"helm": "helm.sh/helm/v3/cmd/helm"})
+TOOLS = {tool.name: tool for tool in (KUBERNETES, ETCD, HELM)}
+CONTROL_PLANE = (KUBERNETES, ETCD)
 
 
 def cache_root() -> Path:
@@ -89,8 +111,11 @@ def _require_go() -> str:
     return go
 
 
-def ensure(tool: GoTool, log=print) -> Path:
-    """Build the tool's binaries unless the cache already has them; return their directory."""
+def ensure(tool: GoTool | str, log=print) -> Path:
+    """Build the tool's binaries unless the cache already has them; return their directory.
+
+    ``tool`` is a GoTool or a tool's name (``ensure("helm")``)."""
+    tool = TOOLS[tool] if isinstance(tool, str) else tool
     target = bin_dir(tool)
     missing = [name for name in tool.binaries if not (target / name).exists()]
     if not missing:
@@ -118,8 +143,9 @@ def ensure(tool: GoTool, log=print) -> Path:
     return target
 
 
-def ensure_all(log=print) -> None:
-    for tool in TOOLS.values():
+def ensure_all(log=print, tools=CONTROL_PLANE) -> None:
+    """Build the control plane's tools (or the given ones: ``tools=TOOLS.values()`` for every tool)."""
+    for tool in tools:
         ensure(tool, log)
 
 
@@ -148,4 +174,4 @@ def pin(tool: GoTool, version: str) -> None:
 
 
 if __name__ == "__main__":  # usable before the virtualenv exists
-    ensure_all(lambda message: print(message, file=sys.stderr))
+    ensure_all(lambda message: print(message, file=sys.stderr), TOOLS.values())
