@@ -155,9 +155,9 @@ def test_agent_role_writes_only_status_of_its_kinds_hosts_and_leases() -> None:
                 writes[resource] = verbs
     assert writes == {"hosts": {"create"}, "hosts/status": {"patch"}, "virtualmachines/status": {"patch"},
                       "volumes/status": {"patch"}, "templates/status": {"patch"}, "virtualrouters/status": {"patch"}}
-    heartbeat = docs[("Role", "cumulo-agent-heartbeat")]
-    assert heartbeat["metadata"]["namespace"] == "cumulo-system"
-    assert granted(heartbeat, "leases", "coordination.k8s.io") == {"get", "create", "patch"}
+    assert granted(role, "leases", "coordination.k8s.io") == {"create", "patch"}
+    assert granted(role, "nodes", "") == {"get"}
+    assert {group for rule in role["rules"] for group in rule["apiGroups"]} == {"cumulo.io", "coordination.k8s.io", ""}
     policy = docs[("ValidatingAdmissionPolicy", "cumulo-agent-node-restriction")]
     binding = docs[("ValidatingAdmissionPolicyBinding", "cumulo-agent-node-restriction")]
     assert binding["spec"] == {"policyName": "cumulo-agent-node-restriction", "validationActions": ["Deny"]}
