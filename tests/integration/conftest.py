@@ -93,6 +93,14 @@ class Process:
         self._log.close()
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def ensure_namespace(plane: envtest.ControlPlane, name: str) -> None:
     plane.kubectl("create", "namespace", name, check=False)
 
@@ -104,10 +112,13 @@ def controller(control_plane: envtest.ControlPlane) -> Iterator[Process]:
     import sys
 
     ensure_namespace(control_plane, "cumulo-system")
+    metrics_port = free_port()
     process = Process("cumulo-controller", [
         str(Path(sys.executable).with_name("cumulo-controller")), "--kubeconfig", str(control_plane.admin_kubeconfig),
         "--host-alert-after", "5", "--log-level", "DEBUG",
+        "--metrics-port", str(metrics_port), "--metrics-address", "127.0.0.1",
     ], control_plane.workdir / "cumulo-controller.log")
+    process.metrics_port = metrics_port  # scrape http://127.0.0.1:<metrics_port>/metrics
     try:
         process.wait_for_log("reconciling with")
         yield process
