@@ -24,7 +24,20 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 SYSTEM_NAMESPACE = "cumulo-system"
 """Namespace of Cumulo's own objects: heartbeat Leases, the controller's leader Lease, system Secrets."""
+SHARED_NAMESPACE = "cumulo-shared"
+"""Admin-owned namespace readable by every authenticated user: public templates, networks shared with all."""
 FINALIZER = f"{GROUP}/finalizer"
+
+# Tenancy: a namespace is a CloudStack account (or project); these namespace labels place it in the domain tree.
+# Documentation and selection only (``kubectl get ns -l cumulo.io/domain-ROOT.eng``); nothing enforces them.
+DOMAIN_LABEL = f"{GROUP}/domain"
+"""The namespace's domain as a path from ROOT, with ``.`` between levels (label values allow no ``/``):
+``ROOT.eng.web`` is CloudStack's ``ROOT/eng/web``."""
+DOMAIN_LEVEL_PREFIX = f"{GROUP}/domain-"
+"""One label per ancestor, so a subtree is one selector: ``cumulo.io/domain-ROOT.eng: "true"`` on every namespace
+in ROOT/eng and below."""
+ACCOUNT_TYPE_LABEL = f"{GROUP}/account-type"
+"""``account`` or ``project`` (CloudStack's two kinds of resource owner)."""
 
 
 class Model(schema.BaseModel):
