@@ -165,3 +165,15 @@ def test_agent_role_writes_only_status_of_its_kinds_hosts_and_leases() -> None:
     # Each refusal names its rule.
     for validation in policy["spec"]["validations"]:
         assert validation["messageExpression"].startswith("'cumulo-agent-node-restriction ("), validation
+
+
+def test_example_namespace_follows_the_domain_label_convention() -> None:
+    from controllers.api.v1alpha1.common import ACCOUNT_TYPE_LABEL, DOMAIN_LABEL, DOMAIN_LEVEL_PREFIX
+
+    docs = documents(REPO / "examples" / "basic-zone" / "00-namespace.yaml")
+    labels = docs[("Namespace", "tenant-a")]["metadata"]["labels"]
+    parts = labels[DOMAIN_LABEL].split(".")
+    assert parts[0] == "ROOT"
+    ancestors = {key for key in labels if key.startswith(DOMAIN_LEVEL_PREFIX)}
+    assert ancestors == {DOMAIN_LEVEL_PREFIX + ".".join(parts[:depth]) for depth in range(1, len(parts) + 1)}
+    assert labels[ACCOUNT_TYPE_LABEL] in ("account", "project")
