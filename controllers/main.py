@@ -16,9 +16,9 @@ import typing as t
 
 import kopf
 
-from controllers import kinds, metrics
+from controllers import kinds, leader, metrics
 from controllers import log as controller_log
-from controllers.api.v1alpha1.common import GROUP
+from controllers.api.v1alpha1.common import GROUP, SYSTEM_NAMESPACE
 from controllers.kubeapi import KubeApi, load_client
 from controllers import reconcilers
 from controllers.runtime import Kind, Runtime
@@ -26,8 +26,10 @@ from controllers.runtime import Kind, Runtime
 log = logging.getLogger("cumulo.controller")
 
 
-def register(registry: kopf.OperatorRegistry, options: argparse.Namespace) -> None:
-    state: dict[str, Runtime] = {}
+def register(registry: kopf.OperatorRegistry, options: argparse.Namespace,
+             stop_flag: asyncio.Event | None = None) -> dict[str, t.Any]:
+    """Register the handlers; the returned dict holds the runtime (and the elector), for main and tests."""
+    state: dict[str, t.Any] = {}
 
     @kopf.on.login(registry=registry)
     def login(**_: t.Any) -> kopf.ConnectionInfo:
@@ -51,14 +53,46 @@ def register(registry: kopf.OperatorRegistry, options: argparse.Namespace) -> No
                           workers=options.workers)
         runtime.reconcilers["hosts"].alert_after_seconds = options.host_alert_after
         metrics.watch_runtime(runtime)
-        await runtime.start()
+        if not options.leader_elect:
+            await runtime.start()
+            state["runtime"] = runtime
+            log.info("primed %d kinds; reconciling with %d workers", len(kinds.ALL), options.workers)
+            return
+        # A standby loads the store now (kopf's watches start after this handler and keep it current) and
+        # starts reconciling only once it holds the Lease.
+        await runtime.load()
         state["runtime"] = runtime
-        log.info("primed %d kinds; reconciling with %d workers", len(kinds.ALL), options.workers)
+        state["leader_task"] = asyncio.create_task(lead(runtime), name="leader-election")
+
+    async def lead(runtime: Runtime) -> None:
+        elector = state["elector"] = leader.LeaderElector(
+            leader.KubeLeaseApi(load_client(options.kubeconfig), options.leader_election_namespace,
+                                options.leader_election_id),
+            options.leader_identity or leader.default_identity(), lease_duration=options.lease_duration,
+            renew_deadline=options.renew_deadline, retry_period=options.retry_period)
+        campaign = asyncio.create_task(elector.run(), name="lease")
+        try:
+            await elector.leading.wait()
+            await runtime.start()
+            log.info("leading: primed %d kinds; reconciling with %d workers", len(kinds.ALL), options.workers)
+            await elector.lost.wait()
+            # Stop reconciling at once, then the whole process: it restarts as a clean standby.
+            await runtime.stop()
+            state["lost"] = True
+            if stop_flag is not None:
+                stop_flag.set()
+        finally:
+            campaign.cancel()  # releases the Lease when held (a clean stop)
+            await asyncio.gather(campaign, return_exceptions=True)
 
     @kopf.on.cleanup(registry=registry)
     async def stop(**_: t.Any) -> None:
+        # Reconciles stop before the Lease is released, so a standby never overlaps with them.
         if "runtime" in state:
             await state["runtime"].stop()
+        if "leader_task" in state:
+            state["leader_task"].cancel()
+            await asyncio.gather(state["leader_task"], return_exceptions=True)
 
     def handler(kind: Kind) -> t.Callable[..., t.Awaitable[None]]:
         async def on_event(event: t.Mapping[str, t.Any], **_: t.Any) -> None:
@@ -69,6 +103,7 @@ def register(registry: kopf.OperatorRegistry, options: argparse.Namespace) -> No
 
     for kind in kinds.ALL:
         kopf.on.event(kind.group, kind.version, kind.plural, registry=registry)(handler(kind))
+    return state
 
 
 def connection_info(kubeconfig: str | None) -> kopf.ConnectionInfo:
@@ -90,6 +125,21 @@ def parse_args(argv: t.Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--host-alert-after", type=float, default=300.0,
                         help="seconds a Disconnected host waits before it goes to Alert")
     parser.add_argument("--log-level", default="INFO")
+    election = parser.add_argument_group("leader election (one active replica; see controllers/leader.py)")
+    election.add_argument("--leader-elect", action="store_true",
+                          help="reconcile only while holding the Lease (every replica of a Deployment sets this)")
+    election.add_argument("--leader-election-namespace", default=os.environ.get("POD_NAMESPACE", SYSTEM_NAMESPACE),
+                          help="namespace of the Lease (default: $POD_NAMESPACE, else cumulo-system)")
+    election.add_argument("--leader-election-id", default=leader.LEASE_NAME, help="name of the Lease")
+    election.add_argument("--leader-identity", help="holder identity (default: $POD_NAME or host-pid, plus a "
+                          "random suffix)")
+    election.add_argument("--lease-duration", type=float, default=15.0,
+                          help="seconds a standby waits after the last renewal it saw before taking over")
+    election.add_argument("--renew-deadline", type=float, default=10.0,
+                          help="seconds the leader keeps trying to renew before it stops reconciling")
+    election.add_argument("--retry-period", type=float, default=2.0, help="seconds between election attempts")
+    parser.add_argument("--health-port", type=int, default=0,
+                        help="serve kopf's liveness probe at http://0.0.0.0:PORT/healthz (0: off)")
     parser.add_argument("--log-format", choices=["text", "json"], default="text",
                         help="json: one object per line (time, level, logger, msg, fields), as cumulo-agent writes")
     parser.add_argument("--metrics-port", type=int, default=8080,
@@ -111,9 +161,15 @@ def main(argv: t.Sequence[str] | None = None) -> int:
             log.error("cannot serve metrics on %s:%d: %s; running without", options.metrics_address,
                       options.metrics_port, error)
     registry = kopf.OperatorRegistry()
-    register(registry, options)
-    # Standalone: one active replica for now (leader election arrives with the Helm chart).
-    asyncio.run(kopf.operator(registry=registry, standalone=True, clusterwide=True))
+    stop_flag = asyncio.Event()
+    state = register(registry, options, stop_flag)
+    # Standalone: kopf's peering is off; one active replica is the Lease's job (--leader-elect).
+    liveness = f"http://0.0.0.0:{options.health_port}/healthz" if options.health_port else None
+    asyncio.run(kopf.operator(registry=registry, standalone=True, clusterwide=True, stop_flag=stop_flag,
+                              liveness_endpoint=liveness))
+    if state.get("lost"):
+        log.error("exiting: the leader Lease was lost")
+        return 1
     return 0
 
 

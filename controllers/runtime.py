@@ -276,12 +276,20 @@ class Runtime:
         self._tasks: list[asyncio.Task] = []
         self.started = asyncio.Event()
         self.reconciles = 0
+        self.loaded = False
 
-    async def prime(self) -> None:
-        """LIST every kind into the store before any reconcile runs."""
+    async def load(self) -> None:
+        """LIST every kind into the store (before the watches start; they keep it current from then on). A
+        standby controller loads at start-up and primes only once it leads (controllers/leader.py)."""
         for kind in self.store.kinds.values():
             for raw in await self.api.list(kind):
                 self.store.upsert(kind.plural, raw)
+        self.loaded = True
+
+    async def prime(self) -> None:
+        """Load the store unless loaded, rebuild the reconcilers' state from it and queue every object."""
+        if not self.loaded:
+            await self.load()
         for reconciler in self.reconcilers.values():
             reconciler.primed()
             for obj in self.store.list(reconciler.kind.plural):
