@@ -281,7 +281,7 @@ def check_quota(ledger: quota.QuotaLedger, world: World, plural: str, obj: t.Any
     if plural not in CHARGED or limits is None:
         return
     wanted = charge(world, plural, obj)
-    if old is not None and not quota.excess(charge(world, plural, old), wanted, {r: 0 for r in quota.RESOURCES}):
+    if old is not None and not quota.grows(charge(world, plural, old), wanted):
         return  # nothing grows
     namespace = obj.metadata.namespace
     key = quota_key(plural, obj.metadata.name)

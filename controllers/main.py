@@ -16,7 +16,7 @@ import typing as t
 
 import kopf
 
-from controllers import kinds, leader, metrics
+from controllers import kinds, leader, metrics, webhook
 from controllers import log as controller_log
 from controllers.api.v1alpha1.common import GROUP, SYSTEM_NAMESPACE
 from controllers.kubeapi import KubeApi, load_client
@@ -53,6 +53,7 @@ def register(registry: kopf.OperatorRegistry, options: argparse.Namespace,
                           workers=options.workers)
         runtime.reconcilers["hosts"].alert_after_seconds = options.host_alert_after
         metrics.watch_runtime(runtime)
+        await webhook.setup(settings, options, runtime.api.client)
         if not options.leader_elect:
             await runtime.start()
             state["runtime"] = runtime
@@ -103,13 +104,17 @@ def register(registry: kopf.OperatorRegistry, options: argparse.Namespace,
 
     for kind in kinds.ALL:
         kopf.on.event(kind.group, kind.version, kind.plural, registry=registry)(handler(kind))
+    webhook.install(registry, options, lambda: state.get("runtime"))
     return state
 
 
 def connection_info(kubeconfig: str | None) -> kopf.ConnectionInfo:
     """kopf's credentials from the same kubeconfig (or in-cluster config) as the controller's client."""
     configuration = load_client(kubeconfig).configuration
-    scheme, _, token = (configuration.api_key.get("authorization") or "").partition(" ")
+    # The kubernetes client keeps a token as api_key["BearerToken"] (kubeconfig and in-cluster alike; older
+    # releases used "authorization"); without it kopf would connect anonymously.
+    credentials = configuration.api_key.get("BearerToken") or configuration.api_key.get("authorization") or ""
+    scheme, _, token = credentials.partition(" ")
     return kopf.ConnectionInfo(
         server=configuration.host, ca_path=configuration.ssl_ca_cert, insecure=not configuration.verify_ssl,
         certificate_path=configuration.cert_file, private_key_path=configuration.key_file,
@@ -125,6 +130,7 @@ def parse_args(argv: t.Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--host-alert-after", type=float, default=300.0,
                         help="seconds a Disconnected host waits before it goes to Alert")
     parser.add_argument("--log-level", default="INFO")
+    webhook.add_arguments(parser)
     election = parser.add_argument_group("leader election (one active replica; see controllers/leader.py)")
     election.add_argument("--leader-elect", action="store_true",
                           help="reconcile only while holding the Lease (every replica of a Deployment sets this)")

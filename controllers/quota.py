@@ -59,6 +59,11 @@ def excess(used: t.Mapping[str, int], charge: t.Mapping[str, int], limits: t.Map
     return problems
 
 
+def grows(old: t.Mapping[str, int], new: t.Mapping[str, int]) -> bool:
+    """Whether ``new`` asks for more of anything than ``old``."""
+    return any(new.get(r, 0) > old.get(r, 0) for r in RESOURCES)
+
+
 def maximum(a: t.Mapping[str, int], b: t.Mapping[str, int]) -> Amounts:
     return {r: v for r in RESOURCES if (v := max(a.get(r, 0), b.get(r, 0)))}
 
@@ -149,7 +154,7 @@ class QuotaLedger:
             return Refusal("QuotaExceeded", f"namespace {namespace}: " + "; ".join(problems))
         if current is None:
             entries[key] = Entry(order, admitted=True, reserved=dict(charge), reserved_until=now + PENDING_SECONDS)
-        elif excess(current.charge, charge, {r: 0 for r in RESOURCES}):
+        elif grows(current.charge, charge):
             # A resize: hold the larger charge until the store shows the new version.
             current.reserved = maximum(current.reserved or {}, charge)
             current.reserved_until = now + PENDING_SECONDS
@@ -174,7 +179,7 @@ class QuotaLedger:
                 fresh.append(observed)
                 continue
             entry.observed, entry.order = dict(observed.charge), observed.order
-            if entry.reserved is not None and not excess(entry.observed, entry.reserved, {r: 0 for r in RESOURCES}):
+            if entry.reserved is not None and not grows(entry.observed, entry.reserved):
                 entry.reserved = None  # the reserved version has arrived
             if observed.holds and not entry.admitted:
                 entry.admitted = True

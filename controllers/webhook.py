@@ -20,7 +20,8 @@ failurePolicy is ``Ignore``: while no controller serves (a restart, a leader cha
 still create, and the controller's second line (conditions; the quota ledger holding back guests
 that do not fit) keeps the rules. ``Fail`` would turn every controller restart into refused creates
 for every tenant. For the same reason a request that arrives before the store is primed is allowed
-with a warning. The namespace the controller runs in is excluded (it must never wait on itself).
+with a warning. The namespace the controller runs in is excluded (it must never wait on itself), and
+so is any namespace an admin labels ``cumulo.io/admission-webhook=disabled``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ from controllers.api.v1alpha1.common import GROUP, VERSION
 
 log = logging.getLogger(__name__)
 
+OPT_OUT_LABEL = "cumulo.io/admission-webhook"
+"""A namespace labelled ``cumulo.io/admission-webhook=disabled`` (by an admin: tenants cannot label
+their namespace) is left to the controller's conditions alone; tests of that second line use it."""
 HANDLER_ID = "cumulo"
 CONFIGURATION_NAME = "cumulo-validating"
 WEBHOOK_NAME = "validate.cumulo.io"
@@ -114,8 +118,10 @@ def configuration(client_config: dict, excluded_namespaces: t.Sequence[str] = ("
             "clientConfig": client_config,
             "rules": [{"apiGroups": [GROUP], "apiVersions": [VERSION], "operations": ["CREATE", "UPDATE"],
                        "resources": sorted(admission.RULES), "scope": "Namespaced"}],
-            "namespaceSelector": {"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "NotIn",
-                                                        "values": list(excluded_namespaces)}]},
+            "namespaceSelector": {"matchExpressions": [
+                {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": list(excluded_namespaces)},
+                {"key": OPT_OUT_LABEL, "operator": "NotIn", "values": ["disabled"]},
+            ]},
             "failurePolicy": failure_policy,
             "matchPolicy": "Equivalent",
             # Quota reservations are a side effect, skipped for dry runs.

@@ -21,6 +21,7 @@ from controllers.reconcilers.rules import (
 )
 from controllers.reconcilers.storagepool import StoragePoolReconciler
 from controllers.reconcilers.template import TemplateReconciler
+from controllers.reconcilers.usage import UsageReconciler
 from controllers.reconcilers.virtualmachine import VirtualMachineReconciler
 from controllers.reconcilers.volume import VolumeReconciler
 from controllers.reconcilers.zone import ZoneReconciler
@@ -33,4 +34,4 @@ INFRASTRUCTURE = (
 COMPUTE = (TemplateReconciler, VolumeReconciler, VirtualMachineReconciler)
 NETWORKING = (NetworkReconciler, VirtualRouterReconciler, PublicIPAddressReconciler, FirewallRuleReconciler, PortForwardingRuleReconciler,
               LoadBalancerRuleReconciler, SecurityGroupReconciler)
-ALL = INFRASTRUCTURE + NETWORKING + COMPUTE + (QuotaReconciler,)
+ALL = INFRASTRUCTURE + NETWORKING + COMPUTE + (QuotaReconciler, UsageReconciler)

@@ -258,7 +258,7 @@ class VirtualMachineReconciler(InventoryReconciler):
         template, template_ok = self._template(vm)
         zone, zone_ok = self._zone(vm)
         quota_ok = self._quota(vm)
-        references = first_failure(zone_ok, offering_ok, template_ok, self._affinity_check(vm), quota_ok)
+        references = first_failure(quota_ok, zone_ok, offering_ok, template_ok, self._affinity_check(vm))
         root, data = self._volumes(vm)
         wanted = DesiredState.RUNNING if vm.spec.state == DesiredState.RUNNING and not ctx.deleting \
             else DesiredState.STOPPED

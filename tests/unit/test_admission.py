@@ -202,3 +202,13 @@ def test_admission_is_sticky_when_limits_are_lowered():
     ledger.sync("ns", [observed("a"), observed("b")], {"cpus": 1}, now=1)
     assert ledger.waiting("ns") == []
     assert quota.excess({}, ledger.used("ns"), ledger.limits("ns")) == ["cpus 0 + 2 > limit 1"]
+
+
+def test_a_confirmed_reservation_goes_with_its_object():
+    ledger = quota.QuotaLedger()
+    limits = {"virtualMachines": 1}
+    assert ledger.admit("ns", "VirtualMachine/a", {"virtualMachines": 1, "cpus": 1}, ("", "a"), 0.0, limits) is None
+    ledger.sync("ns", [observed("a")], limits, now=1.0)
+    ledger.sync("ns", [], limits, now=2.0)  # deleted, long before the reservation would lapse
+    assert ledger.used("ns") == {}
+    assert ledger.admit("ns", "VirtualMachine/b", {"virtualMachines": 1}, ("", "b"), 3.0, limits) is None

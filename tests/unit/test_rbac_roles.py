@@ -23,8 +23,9 @@ AGENT_RESTRICTION = REPO / "charts" / "cumulo" / "templates" / "agent-restrictio
 TENANT = {"VirtualMachine", "Volume", "Snapshot", "Template", "Network", "PublicIPAddress", "FirewallRule",
           "PortForwardingRule", "LoadBalancerRule", "SecurityGroup", "AffinityGroup"}
 """Namespaced kinds a namespace's editors manage."""
-TENANT_READ_ONLY = {"Quota", "VirtualRouter"}
-"""Namespaced kinds tenants see but others write (the cloud admin: Quota; the controller: VirtualRouter)."""
+TENANT_READ_ONLY = {"Quota", "VirtualRouter", "UsageRecord"}
+"""Namespaced kinds tenants see but others write (the cloud admin: Quota; the controller: VirtualRouter,
+UsageRecord)."""
 CATALOG = {"Zone", "ServiceOffering", "DiskOffering", "NetworkOffering"}
 """Cluster-scoped, admin-written, readable by every authenticated user."""
 INFRASTRUCTURE = {"HostPod", "Cluster", "Host", "StoragePool", "ImageStore", "PhysicalNetwork"}

@@ -20,6 +20,7 @@ from .serviceoffering import ServiceOffering
 from .snapshot import Snapshot
 from .storagepool import StoragePool
 from .template import Template
+from .usage import UsageRecord
 from .virtualmachine import VirtualMachine
 from .virtualrouter import VirtualRouter
 from .volume import Volume
@@ -30,5 +31,5 @@ __all__ = [
     "AffinityGroup", "Cluster", "DiskOffering", "FirewallRule", "Host", "HostPod", "ImageStore",
     "LoadBalancerRule", "Network", "NetworkOffering", "PhysicalNetwork", "PortForwardingRule",
     "PublicIPAddress", "Quota", "SecurityGroup", "ServiceOffering", "Snapshot", "StoragePool", "Template",
-    "VirtualMachine", "VirtualRouter", "Volume", "Zone",
+    "UsageRecord", "VirtualMachine", "VirtualRouter", "Volume", "Zone",
 ]
