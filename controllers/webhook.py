@@ -171,7 +171,9 @@ class Validator:
         runtime = self._runtime()
         if rule is None or new is None or operation not in ("CREATE", "UPDATE"):
             return []
-        if runtime is None or not runtime.started.is_set():
+        # A standby replica's store is loaded and kept current by its watches: it answers too (its quota
+        # reservations are its own; the leader's ledger stays the authority behind them).
+        if runtime is None or not (getattr(runtime, "loaded", False) or runtime.started.is_set()):
             return ["cumulo-controller is starting; cross-object checks are left to the controller"]
         if new.get("metadata", {}).get("deletionTimestamp"):
             return []

@@ -212,3 +212,17 @@ def test_a_confirmed_reservation_goes_with_its_object():
     ledger.sync("ns", [], limits, now=2.0)  # deleted, long before the reservation would lapse
     assert ledger.used("ns") == {}
     assert ledger.admit("ns", "VirtualMachine/b", {"virtualMachines": 1}, ("", "b"), 3.0, limits) is None
+
+
+def test_the_charts_configuration_covers_the_same_kinds_as_the_controllers():
+    import pathlib
+    import re
+
+    from controllers import webhook
+
+    text = (pathlib.Path(__file__).resolve().parents[2] / "charts/cumulo/templates/webhook.yaml").read_text()
+    listed = re.search(r"resources: \[([^\]]*)\]", text).group(1)
+    assert sorted(r.strip() for r in listed.split(",")) == sorted(admission.RULES)
+    generated = webhook.configuration({"url": "https://127.0.0.1:1/cumulo"})["webhooks"][0]
+    assert generated["failurePolicy"] == "Ignore" and f"failurePolicy: {{{{ .Values.webhook.failurePolicy" in text
+    assert generated["name"] in text and webhook.OPT_OUT_LABEL in text
