@@ -27,7 +27,11 @@ from cumulo.netlab import LabHost, NetLab  # noqa: E402
 from hostagent.drivers.network import NetworkError  # noqa: E402
 from hostagent.drivers.network.openvswitch import OpenVSwitchDriver, kernel_has_datapath  # noqa: E402
 
+from privateplane import private_plane_fixtures  # noqa: E402
+
 pytest_plugins = ["conftest_netlab", "conftest_libvirt"]
+# The session controller would reconcile the VirtualMachine whose launch the real-guest test writes itself.
+control_plane, kube, system_namespace = private_plane_fixtures()
 
 
 @pytest.fixture
