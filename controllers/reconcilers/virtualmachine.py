@@ -434,6 +434,14 @@ class VirtualMachineReconciler(InventoryReconciler):
             network = self.store.get("networks", name, namespace)
             if network is None:
                 return Check.failed("NetworkNotFound", f"Network {nic.network} does not exist")
+            offering = self.store.get("networkofferings", network.spec.network_offering)
+            pnet = self.store.get("physicalnetworks", network.status.physical_network)
+            if offering is not None and pnet is not None and offers(offering, NetworkService.SECURITY_GROUP) and \
+                    pnet.spec.vswitch.value != "linuxbridge":
+                return Check.failed("SecurityGroupsNotSupported",
+                                    f"Network {nic.network} offers security groups, which hosts enforce on Linux "
+                                    f"bridge ports only; PhysicalNetwork {pnet.metadata.name} uses "
+                                    f"{pnet.spec.vswitch.value}")
             if network.status.phase != NetworkPhase.IMPLEMENTED:
                 implemented = find(network.status.conditions, "Implemented")
                 why = implemented.message if implemented and implemented.reason != "NotNeeded" else "not yet"

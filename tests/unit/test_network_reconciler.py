@@ -252,3 +252,31 @@ def test_l2_networks_take_a_vni_but_no_addresses_and_shared_ones_are_visible_onl
         await runtime.stop()
 
     asyncio.run(scenario())
+
+
+def test_security_groups_on_an_open_vswitch_network_are_refused_not_silently_skipped():
+    async def scenario():
+        api = FakeApi()
+        network_world(api)
+        pnet = api.get("physicalnetworks", "pnet1")
+        pnet["spec"]["vswitch"] = "openvswitch"
+        api.put("physicalnetworks", pnet)
+        api.put("networkofferings", obj("NetworkOffering", "sg", {"guestIpType": "Shared", "services": [
+            {"name": "SecurityGroup", "provider": "SecurityGroupProvider"}]}))
+        api.put("networks", obj("Network", "flat", {"networkOffering": "sg", "zone": "z1", "cidr": "10.8.0.0/24",
+                                                    "gateway": "10.8.0.1"}, namespace="demo"))
+        runtime = await start(api)
+        agent_downloads(api)
+        api.put("virtualmachines", obj("VirtualMachine", "vm1", {
+            "serviceOffering": "small", "template": {"name": "tiny"}, "zone": "z1",
+            "nics": [{"network": {"name": "flat"}}]}, namespace="demo"))
+        await settle(runtime)
+        agent_creates_disk(api, "vm1-root")
+        await settle(runtime)
+        vm = api.get("virtualmachines", "vm1", "demo")
+        ready = conditions(vm)["NetworkReady"]
+        assert ready["reason"] == "SecurityGroupsNotSupported" and "openvswitch" in ready["message"]
+        assert "launch" not in vm["status"]
+        await runtime.stop()
+
+    asyncio.run(scenario())
