@@ -9,18 +9,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+CHART_CRDS = REPO / "charts" / "cumulo" / "crds"
+
+
 def _crds(args: argparse.Namespace) -> int:
     from controllers.api import crd
 
+    # The Helm chart ships the same files in its crds/ (helm installs them before the templates).
+    directories = [args.dir] + ([CHART_CRDS] if args.dir.resolve() == (REPO / "crds").resolve() else [])
     if args.check:
-        difference = crd.diff(args.dir)
-        if difference:
-            sys.stdout.write(difference)
-            print(f"\n{args.dir} is stale: run `cumulo crds` and commit the result", file=sys.stderr)
-            return 1
-        return 0
-    for name in crd.write(args.dir):
-        print(args.dir / name)
+        stale = 0
+        for directory in directories:
+            difference = crd.diff(directory)
+            if difference:
+                sys.stdout.write(difference)
+                print(f"\n{directory} is stale: run `cumulo crds` and commit the result", file=sys.stderr)
+                stale = 1
+        return stale
+    for directory in directories:
+        for name in crd.write(directory):
+            print(directory / name)
     return 0
 
 
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cumulo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    crds = commands.add_parser("crds", help="generate crds/ from controllers/api")
+    crds = commands.add_parser("crds", help="generate crds/ (and the chart's crds/) from controllers/api")
     crds.add_argument("--dir", type=Path, default=REPO / "crds", help="output directory (default: crds/)")
     crds.add_argument("--check", action="store_true", help="only report whether the directory is stale")
     crds.set_defaults(func=_crds)
