@@ -15,9 +15,10 @@ from controllers import inventory, kinds
 from controllers.api.v1alpha1.firewallrule import Direction
 from controllers.api.v1alpha1.loadbalancerrule import LoadBalancerRuleStatus, MemberState
 from controllers.api.v1alpha1.securitygroup import SecurityGroupStatus
-from controllers.conditions import Check, first_failure
+from controllers.conditions import Check, first_failure, merge
 from controllers.reconcilers.base import InventoryReconciler
 from controllers.reconcilers.network import network_key
+from controllers.runtime import utcnow
 
 
 def nic_address(vm: t.Any, network: str) -> str | None:
@@ -148,6 +149,15 @@ class LoadBalancerRuleReconciler(RuleReconciler):
 
     def extra(self, rule, network, status: LoadBalancerRuleStatus) -> LoadBalancerRuleStatus:
         status.members = self._members(rule, network) if network is not None else []
+        # Said, not hidden: the router balances over every member; it does not probe them yet, and nftables
+        # cannot count connections per member.
+        gaps = []
+        if rule.spec.health_check is not None:
+            gaps.append("health checks are not implemented yet: every member gets connections")
+        if rule.spec.algorithm.value == "LeastConn":
+            gaps.append("LeastConn is balanced round robin (the router's nftables cannot count connections)")
+        limitation = Check.failed("NotImplemented", "; ".join(gaps)) if gaps else None
+        status.conditions = merge(status.conditions, {"Limitations": limitation}, rule.metadata.generation, utcnow())
         return status
 
 

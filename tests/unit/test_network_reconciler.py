@@ -173,7 +173,7 @@ def test_rules_are_folded_into_the_router_configuration():
             "direction": "Egress", "network": "net1", "protocol": "UDP", "ports": {"start": 53, "end": 53}},
                                      namespace="demo"))
         api.put("loadbalancerrules", obj("LoadBalancerRule", "web", {
-            "publicIpAddress": "ip-web", "publicPort": 80, "privatePort": 80,
+            "publicIpAddress": "ip-web", "publicPort": 80, "privatePort": 80, "healthCheck": {},
             "members": [{"name": "web1"}, {"name": "web2"}]}, namespace="demo"))
         await settle(runtime)
         spec = api.get("virtualrouters", "net1", "demo")["spec"]
@@ -196,6 +196,7 @@ def test_rules_are_folded_into_the_router_configuration():
         await settle(runtime)
         lb = api.get("loadbalancerrules", "web", "demo")
         assert lb["status"]["phase"] == "Applied" and conditions(lb)["Ready"]["reason"] == "Applied"
+        assert "health checks are not implemented" in conditions(lb)["Limitations"]["message"]
         assert [m["ipAddress"] for m in lb["status"]["members"]] == [ips["web1"], ips["web2"]]
         await runtime.stop()
 
