@@ -79,7 +79,7 @@ def nic_devices(uid: str, nics: Iterable[LaunchNic]) -> tuple[NicDevice, ...]:
     default = next((nic.device_id for nic in ordered if nic.default), ordered[0].device_id if ordered else None)
     return tuple(NicDevice(mac=nic.mac_address, segment=nic.segment(), device_id=nic.device_id,
                            port=nic_port(uid, nic.device_id), ip_address=nic.ip_address,
-                           default=nic.device_id == default) for nic in ordered)
+                           default=nic.device_id == default, rate_mbps=nic.rate_mbps) for nic in ordered)
 
 
 def describe(vm: Mapping[str, t.Any], launch: LaunchSpec, *, console_log: str | None, config_drive: str | None,

@@ -187,3 +187,13 @@ def test_nics_are_virtio_interfaces_on_their_segment_bridges():
     assert second.find("mtu").get("size") == "1500"
     with pytest.raises(HypervisorError, match="'nosuch' segment"):
         render(launch(nics=[{**nic, "vswitch": "nosuch", "bridge": "cloudbr0"}]))
+
+
+def test_a_rate_limited_network_shapes_the_nic_both_ways():
+    nic = {"network": "tenant/net", "macAddress": "02:00:0a:01:01:05", "bridge": "brvx-5001",
+           "broadcastUri": "vxlan://5001", "trafficLabel": "cloudbr0", "mtu": 1450, "rateMbps": 100}
+    interface = render(launch(nics=[nic])).find("devices/interface")
+    bandwidth = interface.find("bandwidth")
+    # 100 Mbit/s = 12,500,000 B/s = 12207 KiB/s (libvirt's unit), in and out.
+    assert bandwidth.find("inbound").get("average") == "12207" == bandwidth.find("outbound").get("average")
+    assert render(launch(nics=[{**nic, "rateMbps": None}])).find("devices/interface/bandwidth") is None

@@ -79,6 +79,7 @@ class NicDevice:
     port: str
     ip_address: str | None = None
     default: bool = False       # holds the default route
+    rate_mbps: int | None = None  # the network offering's rate limit, each direction
 
     @property
     def mtu(self) -> int:

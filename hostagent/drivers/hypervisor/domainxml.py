@@ -85,6 +85,12 @@ def _interface_common(element: ET.Element, nic: NicDevice) -> ET.Element:
     _sub(element, "target", dev=nic.port)
     _sub(element, "model", type="virtio")
     _sub(element, "mtu", size=str(nic.mtu))
+    if nic.rate_mbps:
+        # libvirt shapes the tap with tc; its unit is KiB/s (CloudStack's networkrate is Mbit/s).
+        kib = str(nic.rate_mbps * 1_000_000 // 8 // 1024)
+        bandwidth = _sub(element, "bandwidth")
+        _sub(bandwidth, "inbound", average=kib)
+        _sub(bandwidth, "outbound", average=kib)
     _sub(element, "alias", name=f"{NIC_ALIAS_PREFIX}{nic.device_id}")
     return element
 
