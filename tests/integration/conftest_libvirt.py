@@ -3,9 +3,10 @@
 * ``libvirtd``: a private libvirtd (cumulo.libvirtd), skipped with the precise reason where it
   cannot run.
 * ``system_namespace``: the cumulo-system namespace the heartbeat Leases live in.
-* ``agents``: starts ``cumulo-agent`` processes, each with its own client-certificate identity (so
-  the audit log tells its requests apart), stops them at the end and attaches their logs to a
-  failing test's report.
+* ``agents``: starts ``cumulo-agent`` processes, each with the restricted client-certificate identity of
+  its host (``system:cumulo-agent:<host>``, group ``cumulo:agents``, under the shipped RBAC and node-
+  restriction policy; see security.py), stops them at the end and attaches their logs to a failing
+  test's report.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from kubernetes.client.exceptions import ApiException
 
 from cumulo import envtest
 from cumulo.libvirtd import LibvirtUnavailable, PrivateLibvirtd, unavailable_reason
+from security import mint_agent_kubeconfig
 from controllers.api.crd import registry
 from controllers.api.v1alpha1.common import SYSTEM_NAMESPACE
 
@@ -131,14 +133,17 @@ class Agents:
         self.directory = directory
         self.started: list[AgentProcess] = []
 
-    def kubeconfig(self, name: str) -> tuple[Path, str]:
-        user = f"cumulo-agent-{name}"
-        # Admin rights for now (system:masters); the NodeRestriction-style identity comes later.
-        return self.plane.mint_kubeconfig(user, ["system:masters"], self.directory / f"{name}.kubeconfig"), user
+    def kubeconfig(self, host: str, *, simulate: bool = False) -> tuple[Path, str]:
+        """The restricted identity of the agent of ``host`` (security.py: the shipped RBAC and node-restriction
+        policy, installed in the control plane on first use); ``simulate``: of the ``--simulate N`` agent
+        whose hosts are ``<host>-N``."""
+        return mint_agent_kubeconfig(self.plane, host, self.directory / f"{host}.kubeconfig", simulator=simulate)
 
     def start(self, name: str, *args: str, kubeconfig: Path | None = None, user: str | None = None) -> AgentProcess:
         if kubeconfig is None:
-            kubeconfig, user = self.kubeconfig(name)
+            # The identity of the host(s) the command line names, whatever the process is called.
+            host = args[args.index("--host") + 1] if "--host" in args else name
+            kubeconfig, user = self.kubeconfig(host, simulate="--simulate" in args)
         if "--metrics-port" not in args:  # many agents run at once: no metrics server unless a test asks
             args = (*args, "--metrics-port", "0")
         agent = AgentProcess(name, ["--kubeconfig", str(kubeconfig), *args], self.directory / f"{name}.log",

@@ -117,7 +117,7 @@ def test_agent_restart_reuses_lease_and_host(control_plane, system_namespace, cl
     args = ["--host", base, "--hypervisor", "simulator", "--simulate", "3", "--register-cluster", cluster,
             "--heartbeat-interval", "1", "--lease-duration", "10"]
     hosts = [f"{base}-{index}" for index in range(3)]
-    kubeconfig, user = agents.kubeconfig(base)
+    kubeconfig, user = agents.kubeconfig(base, simulate=True)
     first = agents.start(f"{base}-first", *args, kubeconfig=kubeconfig, user=user)
     wait_for(lambda: all(cloud.node(host) and cloud.lease(host) for host in hosts), what="hosts and leases")
     host_uids = {host: cloud.get("hosts", host)["metadata"]["uid"] for host in hosts}
