@@ -194,27 +194,42 @@ def test_simulator_identity_acts_for_its_simulated_hosts_only(world: World) -> N
             G, V, "hosts", f"{base}-0", node))
 
 
-def test_daemonset_service_account_acts_for_its_pods_node(world: World, kube: client.ApiClient) -> None:
-    """Production: one ServiceAccount for every agent Pod; the host is the node the token's Pod runs on."""
+def pod_token(world: World, kube: client.ApiClient, account: str, node: str) -> Any:
+    """A kubeconfig with the Pod-bound token of a Pod of ServiceAccount ``account`` on Node ``node``."""
     core = client.CoreV1Api(kube)
-    node = unique("node")
     core.create_node({"metadata": {"name": node}})
-    world.admin.create_cluster_custom_object(G, V, "hosts", host_body(node))
     try:
-        core.create_namespaced_service_account(SYSTEM_NAMESPACE, {"metadata": {"name": "cumulo-agent"}})
+        core.create_namespaced_service_account(SYSTEM_NAMESPACE, {"metadata": {"name": account}})
     except ApiException as error:
         assert error.status == 409
-    pod = core.create_namespaced_pod(SYSTEM_NAMESPACE, {"metadata": {"name": unique("cumulo-agent")}, "spec": {
-        "nodeName": node, "serviceAccountName": "cumulo-agent",
-        "containers": [{"name": "agent", "image": "cumulo-agent"}]}})
-    kubeconfig = world.plane.service_account_kubeconfig(
-        SYSTEM_NAMESPACE, "cumulo-agent", world.plane.workdir / f"{node}.kubeconfig", create_namespace=False,
+    pod = core.create_namespaced_pod(SYSTEM_NAMESPACE, {"metadata": {"name": unique(account)}, "spec": {
+        "nodeName": node, "serviceAccountName": account, "containers": [{"name": "agent", "image": "cumulo-agent"}]}})
+    return world.plane.service_account_kubeconfig(
+        SYSTEM_NAMESPACE, account, world.plane.workdir / f"{node}.kubeconfig", create_namespace=False,
         bound_object_ref={"kind": "Pod", "name": pod.metadata.name, "uid": pod.metadata.uid})
+
+
+def test_daemonset_service_account_acts_for_its_pods_node(world: World, kube: client.ApiClient) -> None:
+    """Production: one ServiceAccount for every agent Pod; the host is the node the token's Pod runs on."""
+    node = unique("node")
+    world.admin.create_cluster_custom_object(G, V, "hosts", host_body(node))
     status = {"status": {"node": {"message": "from the DaemonSet"}}}
-    with world.plane.api_client(kubeconfig) as api:
+    with world.plane.api_client(pod_token(world, kube, "cumulo-agent", node)) as api:
         custom = client.CustomObjectsApi(api)
         custom.patch_cluster_custom_object_status(G, V, "hosts", node, status)
         client.CoordinationV1Api(api).create_namespaced_lease(SYSTEM_NAMESPACE, lease_body(f"host-{node}", node))
         message = refusal(lambda: custom.patch_cluster_custom_object_status(G, V, "hosts", world.host2, status))
         assert f"system:serviceaccount:{SYSTEM_NAMESPACE}:cumulo-agent acts for host {node}, not for hosts/status " \
                f"{world.host2}" in message
+
+
+def test_simulator_daemonset_acts_for_its_nodes_simulated_hosts(world: World, kube: client.ApiClient) -> None:
+    node = unique("simnode")
+    for host in (f"{node}-0", f"{node}-1"):
+        world.admin.create_cluster_custom_object(G, V, "hosts", host_body(host))
+    status = {"status": {"node": {"message": "simulated in a cluster"}}}
+    with world.plane.api_client(pod_token(world, kube, "cumulo-simulator", node)) as api:
+        custom = client.CustomObjectsApi(api)
+        custom.patch_cluster_custom_object_status(G, V, "hosts", f"{node}-1", status)
+        message = refusal(lambda: custom.patch_cluster_custom_object_status(G, V, "hosts", world.host1, status))
+        assert f"acts for host {node} (and its simulated hosts {node}-N)" in message
