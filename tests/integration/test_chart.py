@@ -28,8 +28,8 @@ import yaml
 
 from cumulo import toolchain
 
-from conftest import Process  # noqa: E402
-from privateplane import private_plane_fixtures  # noqa: E402
+from cumuloprocess import CumuloProcess as Process
+from privateplane import private_plane_fixtures
 
 control_plane, kube, system_namespace = private_plane_fixtures()
 
@@ -266,3 +266,36 @@ def test_the_controller_runs_with_exactly_the_charts_rbac(control_plane, tmp_pat
         assert refusals(control_plane, user) == [], "\n".join(refusals(control_plane, user))
     finally:
         process.stop()
+
+
+# -- GitOps: examples/gitops ---------------------------------------------------------------------------------------
+
+GITOPS = REPO / "examples" / "gitops"
+
+
+def test_the_gitops_base_is_the_rendered_chart():
+    committed = (GITOPS / "base" / "cumulo.yaml").read_text()
+    fresh = helm("template", "cumulo", str(CHART), "--namespace", NAMESPACE, "--include-crds",
+                 "--set", "webhook.certificate.source=cert-manager").stdout
+    assert committed.split("\n", 1)[1] == fresh, "examples/gitops/base/cumulo.yaml is stale: run examples/gitops/render.sh"
+    assert "kind: Secret" not in committed  # no private key in git: cert-manager issues the webhook's certificate
+
+
+def test_the_gitops_overlay_builds_and_the_apiserver_accepts_it(control_plane):
+    built = subprocess.run([str(toolchain.binary("kubectl")), "kustomize", str(GITOPS / "overlays" / "production")],
+                           capture_output=True, text=True, timeout=60)
+    assert built.returncode == 0, built.stderr
+    docs = [d for d in yaml.safe_load_all(built.stdout) if d]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example.com/cloud/cumulo:0.1.0"
+    agent = next(d for d in docs if d["kind"] == "DaemonSet")["spec"]["template"]["spec"]
+    assert agent["nodeSelector"] == {"node-role.example.com/hypervisor": ""}
+    served = [d for d in docs if d["kind"] not in UNSERVED.get(d["apiVersion"], ())]
+    for doc in served:
+        if doc["kind"] == "Namespace":
+            control_plane.kubectl("create", "namespace", doc["metadata"]["name"], check=False)
+    result = control_plane.kubectl("apply", "--dry-run=server", "--server-side", "--force-conflicts",
+                                   "--field-manager", "gitops-test", "-f", "-", input=yaml.safe_dump_all(served),
+                                   check=False)
+    assert result.returncode == 0, result.stderr

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from controllers.api.v1alpha1.common import SYSTEM_NAMESPACE
-from conftest import Process
+from cumuloprocess import CumuloProcess as Process
 from privateplane import private_plane_fixtures
 
 control_plane, kube, system_namespace = private_plane_fixtures()
