@@ -59,20 +59,8 @@ $kubectl -n cumulo-system rollout status ds/cumulo-agent --timeout=300s
 
 step "quickstart for the simulator"
 $kubectl kustomize --load-restrictor LoadRestrictionsNone "$here/quickstart-simulator" | $kubectl apply -f -
-# One Host (registered by its agent, created here too so the pools can name it) and one local pool per node.
-for node in $($kubectl get nodes -o jsonpath='{.items[*].metadata.name}'); do
-  cat <<MANIFEST | $kubectl apply -f -
-apiVersion: cumulo.io/v1alpha1
-kind: Host
-metadata: {name: $node}
-spec: {cluster: cluster1}
----
-apiVersion: cumulo.io/v1alpha1
-kind: StoragePool
-metadata: {name: $node-local}
-spec: {zone: zone1, scope: Host, type: Filesystem, host: $node, path: /var/lib/cumulo/pools/$node-local, tags: [local]}
-MANIFEST
-done
+# One Host and one local pool per node (hosts.sh).
+"$here/hosts.sh" $($kubectl get nodes -o jsonpath='{.items[*].metadata.name}') | $kubectl apply -f -
 
 step "waiting for the hosts to be Up and demo/demo-vm Running (up to ${timeout}s)"
 deadline=$((SECONDS + timeout))
