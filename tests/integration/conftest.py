@@ -112,10 +112,15 @@ def controller(control_plane: envtest.ControlPlane) -> Iterator[Process]:
     import sys
 
     ensure_namespace(control_plane, "cumulo-system")
-    metrics_port = free_port()
+    # The admission webhook is on for the whole session: the apiserver reaches it by URL, with the CA the
+    # controller generates in its cert directory.
+    port, metrics_port = free_port(), free_port()
     process = Process("cumulo-controller", [
         str(Path(sys.executable).with_name("cumulo-controller")), "--kubeconfig", str(control_plane.admin_kubeconfig),
         "--host-alert-after", "5", "--log-level", "DEBUG",
+        "--webhook-port", str(port), "--webhook-addr", "127.0.0.1", "--webhook-host", "127.0.0.1",
+        "--webhook-cert-dir", str(control_plane.workdir / "webhook"),
+        "--webhook-url-base", f"https://127.0.0.1:{port}",
         "--metrics-port", str(metrics_port), "--metrics-address", "127.0.0.1",
     ], control_plane.workdir / "cumulo-controller.log")
     process.metrics_port = metrics_port  # scrape http://127.0.0.1:<metrics_port>/metrics
