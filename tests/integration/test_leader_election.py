@@ -9,9 +9,11 @@ the same objects.
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import time
 import typing as t
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -26,12 +28,28 @@ control_plane, kube, system_namespace = private_plane_fixtures()
 LEASE_DURATION, RENEW_DEADLINE, RETRY_PERIOD = 6, 4, 1
 
 
-def controller(plane, identity: str) -> Process:
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def controller(plane, identity: str, health_port: int = 0) -> Process:
     return Process(f"controller-{identity}", [
         str(Path(sys.executable).with_name("cumulo-controller")), "--kubeconfig", str(plane.admin_kubeconfig),
         "--leader-elect", "--leader-identity", identity, "--lease-duration", str(LEASE_DURATION),
-        "--renew-deadline", str(RENEW_DEADLINE), "--retry-period", str(RETRY_PERIOD),
+        "--renew-deadline", str(RENEW_DEADLINE), "--retry-period", str(RETRY_PERIOD), "--metrics-port", "0",
+        "--health-port", str(health_port),
     ], plane.workdir / f"controller-{identity}.log")
+
+
+def healthy(port: int) -> bool:
+    """kopf's liveness endpoint, the chart's liveness and readiness probe."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def lease(plane) -> dict:
@@ -69,8 +87,10 @@ def test_the_standby_takes_over_when_the_leader_dies_and_at_once_when_it_stops(c
     b = None
     try:
         a.wait_for_log("leading: primed")
-        b = controller(control_plane, second)
+        health = free_port()
+        b = controller(control_plane, second, health)
         b.wait_for_log("standing by")
+        wait_for("the standby's health endpoint", lambda: healthy(health), 20)  # a standby is Ready too
         assert lease(control_plane)["holderIdentity"] == first
 
         apply_zone(control_plane, "le-zone-1")
