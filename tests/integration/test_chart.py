@@ -152,6 +152,7 @@ def test_simulator_agent_needs_no_host_access():
     assert not pod.get("hostNetwork") and not pod.get("hostPID")
     assert agent["securityContext"]["runAsNonRoot"] and "privileged" not in agent["securityContext"]
     assert "--hypervisor=simulator" in agent["args"] and "--simulate=3" in agent["args"]
+    assert pod["serviceAccountName"] == "cumulo-simulator"  # the node restriction lets it act for <node>-N
     assert all(volume.get("hostPath") is None for volume in pod["volumes"])
 
 
