@@ -20,7 +20,12 @@ from kubernetes.client.exceptions import ApiException
 from controllers.api.v1alpha1.common import SYSTEM_NAMESPACE
 from controllers.api.v1alpha1.host import HEARTBEAT_LABEL, HOST_LABEL
 from cumulo import envtest
+from privateplane import private_plane_fixtures
 from security import POLICY, install_security, mint_agent_kubeconfig
+
+# A control plane of this module's own: its guests are labelled for hosts by hand, which the session's
+# controller (and its admission webhook) would undo or refuse.
+control_plane, kube, system_namespace = private_plane_fixtures()
 
 G, V = "cumulo.io", "v1alpha1"
 
