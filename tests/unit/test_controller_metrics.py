@@ -189,7 +189,10 @@ def test_the_controller_json_log_has_the_agents_shape(capsys):
         logging.getLogger("cumulo.controller").info("primed %d kinds", 3, extra={"workers": 4})
         # kopf's per-object records carry the object in k8s_ref.
         logging.getLogger("kopf.objects").warning("handler failed", extra={
-            "k8s_skip": False, "k8s_ref": {"kind": "Zone", "name": "z1", "namespace": None}, "settings": object()})
+            "k8s_skip": False, "k8s_ref": {"kind": "Zone", "name": "z1", "namespace": None},
+            # kopf's own event-posting handler (installed when another test ran kopf) reads this: never post.
+            "settings": types.SimpleNamespace(posting=types.SimpleNamespace(level=logging.CRITICAL + 1, enabled=False,
+                                                                         loggers=False))})
     finally:
         logging.getLogger().handlers[:] = []
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
