@@ -1,0 +1,401 @@
+"""A simulated cloud for the benchmarks: the envtest control plane (real etcd + kube-apiserver), the
+production ``cumulo-controller`` binary and one ``cumulo-agent --simulate N`` process, set up with the same
+objects an operator would apply (zone, pod, cluster, one local pool per host, image store, offering,
+template), then timed by a watch.
+
+Why a watch rather than object timestamps for create→Running: ``creationTimestamp`` and a condition's
+``lastTransitionTime`` are RFC 3339 with whole seconds, so against a 1 s target each figure carries up to
+±1 s of rounding. The watch records, on this machine's monotonic clock, when the create request was sent
+and when the apiserver first delivered the object with ``Ready=True`` (phase Running); the watch's delivery
+lag (milliseconds on loopback) counts against Cumulo. The timestamp figure is reported beside it as a
+cross-check.
+
+The agent runs with the restricted identity the tests use (a client certificate in ``cumulo:agents`` +
+``cumulo:simulators`` under the shipped RBAC and ValidatingAdmissionPolicy), so its writes pay the same
+admission checks as in production. The admission webhook is not registered (issue 8 adds it to the chart;
+with ``failurePolicy: Ignore`` it adds one loopback HTTPS call per tenant create).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import datetime
+import http.client
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import typing as t
+import uuid
+from pathlib import Path
+
+from kubernetes import client, watch
+from kubernetes.client.exceptions import ApiException
+
+from benchmarks.common import REPO
+from cumulo import envtest
+
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+from security import mint_agent_kubeconfig  # noqa: E402  (the shipped agent RBAC + node restriction)
+
+GROUP, VERSION = "cumulo.io", "v1alpha1"
+BIN = Path(sys.executable).parent
+CONTROLLER_USER = "system:cumulo-controller"
+PYSPY = os.environ.get("PYSPY", "/tmp/pyspy-venv/bin/py-spy")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def percentile(values: t.Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of ``values``."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), -(-len(ordered) * q // 100)))
+    return ordered[int(rank) - 1]
+
+
+def summary(values: t.Sequence[float]) -> str:
+    return (f"p50 {percentile(values, 50):.2f} s, p95 {percentile(values, 95):.2f} s, "
+            f"p99 {percentile(values, 99):.2f} s, max {max(values):.2f} s")
+
+
+def parse_time(stamp: str) -> float:
+    return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM: the process's peak resident set so far."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Process:
+    def __init__(self, name: str, argv: list[str], log: Path) -> None:
+        self.name, self.argv, self.log_path = name, argv, log
+        with log.open("ab") as out:
+            self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+class Profiler:
+    """``py-spy record`` of a running process, for the duration of a ``with`` block."""
+
+    def __init__(self, process: Process, output: Path, rate: int = 50) -> None:
+        self.command = [PYSPY, "record", "--pid", str(process.pid), "--rate", str(rate), "--output", str(output),
+                        "--format", "speedscope" if output.suffix == ".json" else "flamegraph", "--nonblocking"]
+        self.output = output
+        self.popen: subprocess.Popen | None = None
+
+    def __enter__(self) -> Profiler:
+        self.popen = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.popen is not None
+        self.popen.send_signal(signal.SIGINT)
+        try:
+            self.popen.wait(30)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+
+
+class SimCloud:
+    """Control plane + controller + one simulating agent, and the objects guests need."""
+
+    def __init__(self, *, hosts: int, cpus_per_host: int, memory_mib: int = 262144, workdir: Path | None = None,
+                 controller_args: t.Sequence[str] = (), agent_args: t.Sequence[str] = (),
+                 restricted_agent: bool = True, keep: bool = False) -> None:
+        self.hosts, self.cpus_per_host, self.memory_mib = hosts, cpus_per_host, memory_mib
+        self.controller_args, self.agent_args = list(controller_args), list(agent_args)
+        self.restricted_agent = restricted_agent
+        self.keep = keep
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="cumulo-bench-"))
+        self.plane = envtest.ControlPlane(self.workdir / "plane")
+        self.controller: Process | None = None
+        self.agent: Process | None = None
+        self.base = unique("sim")
+        self.zone, self.pod, self.cluster = unique("zone"), unique("pod"), unique("cluster")
+        self.offering = unique("small")
+        self.namespace = unique("bench")
+        self.host_names = [f"{self.base}-{i}" for i in range(hosts)]
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def __enter__(self) -> SimCloud:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.plane.start()
+        self.plane.install_crds(REPO / "crds")
+        self.api = self.plane.api_client()
+        self.custom = client.CustomObjectsApi(self.api)
+        with contextlib.suppress(ApiException):
+            client.CoreV1Api(self.api).create_namespace(client.V1Namespace(
+                metadata=client.V1ObjectMeta(name="cumulo-system")))
+        self.start_controller()
+        self._infrastructure()
+        self.start_agent()
+        self.wait(lambda: self.hosts_up() == self.hosts, timeout=60 + self.hosts * 0.2, what="hosts Up")
+        self._template()
+
+    def start_controller(self) -> None:
+        # An identity of its own, so the audit log tells its writes from the benchmark's (which run as admin).
+        kubeconfig = self.plane.mint_kubeconfig(CONTROLLER_USER, ["system:masters"],
+                                                self.workdir / "controller.kubeconfig")
+        self.controller = Process("cumulo-controller", [
+            str(BIN / "cumulo-controller"), "--kubeconfig", str(kubeconfig), "--metrics-port", "0",
+            *self.controller_args], self.workdir / "controller.log")
+        self.wait(lambda: "reconciling with" in self.controller.log(), timeout=60, what="the controller started",
+                  process=self.controller)
+
+    def start_agent(self) -> None:
+        if self.restricted_agent:
+            kubeconfig, _ = mint_agent_kubeconfig(self.plane, self.base, self.workdir / "agent.kubeconfig",
+                                                  simulator=True)
+        else:
+            kubeconfig = self.plane.admin_kubeconfig
+        self.agent = Process("cumulo-agent", [
+            str(BIN / "cumulo-agent"), "--kubeconfig", str(kubeconfig), "--host", self.base, "--hypervisor",
+            "simulator", "--simulate", str(self.hosts), "--register-cluster", self.cluster, "--sim-cpus",
+            str(self.cpus_per_host), "--sim-memory-mib", str(self.memory_mib), "--metrics-port", "0",
+            "--state-dir", str(self.workdir / "agent-state"), "--log-level", "warning", *self.agent_args],
+            self.workdir / "agent.log")
+
+    def stop(self) -> None:
+        for process in (self.agent, self.controller):
+            if process is not None:
+                process.stop()
+        with contextlib.suppress(Exception):
+            self.api.close()
+        self.plane.stop()
+        if not self.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # -- objects ---------------------------------------------------------------------------------
+
+    def create_cluster_object(self, plural: str, kind: str, name: str, spec: dict) -> None:
+        self.custom.create_cluster_custom_object(GROUP, VERSION, plural, {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name}, "spec": spec})
+
+    def create_object(self, plural: str, kind: str, name: str, spec: dict, namespace: str | None = None) -> None:
+        namespace = namespace or self.namespace
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, plural, {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name, "namespace": namespace},
+            "spec": spec})
+
+    def _infrastructure(self) -> None:
+        self.create_cluster_object("zones", "Zone", self.zone, {"networkType": "Advanced", "dns1": "192.0.2.53"})
+        self.create_cluster_object("hostpods", "HostPod", self.pod, {
+            "zone": self.zone, "cidr": "10.254.0.0/16", "gateway": "10.254.0.1", "startIp": "10.254.0.10",
+            "endIp": "10.254.255.250"})
+        self.create_cluster_object("clusters", "Cluster", self.cluster, {"pod": self.pod, "hypervisorType": "Simulator"})
+
+        def pool(host: str) -> None:
+            self.create_cluster_object("storagepools", "StoragePool", f"{host}-local", {
+                "zone": self.zone, "scope": "Host", "type": "Filesystem", "host": host, "path": f"/sim/{host}"})
+
+        with concurrent.futures.ThreadPoolExecutor(8) as threads:
+            list(threads.map(pool, self.host_names))
+        self.create_cluster_object("imagestores", "ImageStore", unique("store"), {"zone": self.zone,
+                                                                                  "path": "/sim/images"})
+        self.create_cluster_object("serviceofferings", "ServiceOffering", self.offering,
+                                   {"cpuNumber": 1, "memoryMiB": 256, "storageType": "local"})
+        client.CoreV1Api(self.api).create_namespace(client.V1Namespace(
+            metadata=client.V1ObjectMeta(name=self.namespace)))
+
+    def _template(self) -> None:
+        self.create_object("templates", "Template", "img", {"url": "file:///sim/images/img.qcow2", "zone": self.zone,
+                                                            "hypervisor": "Simulator"})
+        self.wait(lambda: (self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, "templates", "img")
+                           .get("status") or {}).get("state") == "Ready", timeout=60, what="the template Ready")
+
+    def vm_spec(self) -> dict:
+        return {"serviceOffering": self.offering, "template": {"name": "img"}, "zone": self.zone}
+
+    def hosts_up(self) -> int:
+        items = self.custom.list_cluster_custom_object(GROUP, VERSION, "hosts")["items"]
+        return sum(1 for item in items if item["metadata"]["name"].startswith(self.base + "-")
+                   and (item.get("status") or {}).get("state") == "Up")
+
+    def wait(self, check: t.Callable[[], t.Any], timeout: float, what: str, interval: float = 0.2,
+             process: Process | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            for proc in (process, self.controller, self.agent):
+                if proc is not None and not proc.alive():
+                    raise RuntimeError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+            time.sleep(interval)
+
+    def pids(self) -> dict[str, int]:
+        state = self.plane._require_state()
+        return {"controller": self.controller.pid, "agent": self.agent.pid, "kube-apiserver": state["apiserver"]["pid"],
+                "etcd": state["etcd"]["pid"]}
+
+    def cpu(self) -> dict[str, float]:
+        return {name: cpu_seconds(pid) for name, pid in self.pids().items()}
+
+    # -- the apiserver's own metrics -------------------------------------------------------------
+
+    def apiserver_metrics(self) -> str:
+        port = self.plane._require_state()["apiserver"]["port"]
+        connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=30,
+                                                 context=self.plane._client_ssl_context())
+        try:
+            connection.request("GET", "/metrics")
+            return connection.getresponse().read().decode()
+        finally:
+            connection.close()
+
+
+class RunningWatch:
+    """Watches the VirtualMachines of a namespace from a thread; records when each is first Running."""
+
+    def __init__(self, cloud: SimCloud, namespace: str | None = None) -> None:
+        self.cloud = cloud
+        self.namespace = namespace or cloud.namespace
+        self.running: dict[str, float] = {}
+        self.seen: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RunningWatch:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        api = self.cloud.plane.api_client()
+        custom = client.CustomObjectsApi(api)
+        version = custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace,
+                                                       "virtualmachines")["metadata"]["resourceVersion"]
+        self._ready.set()
+        while not self._stop.is_set():
+            stream = watch.Watch()
+            try:
+                for event in stream.stream(custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace,
+                                           "virtualmachines", resource_version=version, timeout_seconds=60,
+                                           allow_watch_bookmarks=False):
+                    now = time.monotonic()
+                    obj = event["object"]
+                    version = obj["metadata"]["resourceVersion"]
+                    name = obj["metadata"]["name"]
+                    self.seen.setdefault(name, now)
+                    if (obj.get("status") or {}).get("phase") == "Running":
+                        self.running.setdefault(name, now)
+                    if self._stop.is_set():
+                        break
+            except Exception:  # a broken stream resumes from the last version
+                time.sleep(0.1)
+
+    def wait_all(self, names: t.Collection[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not all(name in self.running for name in names):
+            if time.monotonic() > deadline:
+                missing = [name for name in names if name not in self.running]
+                raise TimeoutError(f"{len(missing)} of {len(names)} guests not Running after {timeout:.0f}s "
+                                   f"(e.g. {missing[:3]})")
+            for process in (self.cloud.controller, self.cloud.agent):
+                if process is not None and not process.alive():
+                    raise RuntimeError(f"{process.name} exited:\n{process.log()[-3000:]}")
+            time.sleep(0.05)
+
+
+def timestamp_latencies(cloud: SimCloud, names: t.Collection[str], namespace: str | None = None) -> list[float]:
+    """Ready's lastTransitionTime − creationTimestamp of each guest (whole seconds on both sides)."""
+    wanted = set(names)
+    items = cloud.custom.list_namespaced_custom_object(GROUP, VERSION, namespace or cloud.namespace,
+                                                       "virtualmachines")["items"]
+    latencies = []
+    for item in items:
+        if item["metadata"]["name"] not in wanted:
+            continue
+        ready = next((c for c in (item.get("status") or {}).get("conditions", []) if c["type"] == "Ready"), None)
+        if ready and ready["status"] == "True":
+            latencies.append(parse_time(ready["lastTransitionTime"]) - parse_time(item["metadata"]["creationTimestamp"]))
+    return latencies
+
+
+def create_guests(cloud: SimCloud, names: t.Sequence[str], *, spacing: float = 0.0, threads: int = 16,
+                  namespace: str | None = None) -> dict[str, float]:
+    """Create the guests: all at once (``threads`` concurrent requests) or one every ``spacing`` seconds;
+    returns when each create request was sent (monotonic)."""
+    sent: dict[str, float] = {}
+    namespace = namespace or cloud.namespace
+
+    def create(name: str) -> None:
+        sent[name] = time.monotonic()
+        cloud.create_object("virtualmachines", "VirtualMachine", name, cloud.vm_spec(), namespace=namespace)
+
+    if spacing <= 0:
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            list(pool.map(create, names))
+    else:
+        start = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = []
+            for index, name in enumerate(names):
+                delay = start + index * spacing - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                futures.append(pool.submit(create, name))
+            for future in futures:
+                future.result()
+    return sent
+
+
+def median_spread(values: t.Sequence[float]) -> str:
+    return f"median {statistics.median(values):.2f} s (min {min(values):.2f}, max {max(values):.2f}, n={len(values)})"
+
+
+def dump(path: Path, data: t.Any) -> None:
+    path.write_text(json.dumps(data, indent=1))
