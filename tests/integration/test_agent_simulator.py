@@ -14,7 +14,11 @@ from conftest_libvirt import Cloud, audit_writes, unique, wait_for  # noqa: E402
 from controllers.api.v1alpha1.common import SYSTEM_NAMESPACE  # noqa: E402
 from controllers.api.v1alpha1.host import HEARTBEAT_LABEL, SIMULATOR_FAULTS_ANNOTATION  # noqa: E402
 
+from privateplane import private_plane_fixtures  # noqa: E402
+
 pytest_plugins = ["conftest_libvirt"]
+# These tests write what the controller owns (a Host's status.zone); the session controller would take it back.
+control_plane, kube, system_namespace = private_plane_fixtures()
 
 
 def set_faults(cloud: Cloud, host: str, faults: dict | None) -> None:
