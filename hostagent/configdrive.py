@@ -4,7 +4,8 @@ pycdlib.
 
 ``meta-data`` is YAML: ``instance-id`` (the VirtualMachine's uid: stable across restarts, so cloud-init runs
 its once-per-instance modules once), ``local-hostname`` and ``public-keys``. ``user-data`` is the launch's
-user data as given (empty when there is none: NoCloud wants the file).
+user data as given, or the bytes of its Secret's key (gzip user data included); empty when there is none: NoCloud
+wants the file.
 """
 
 from __future__ import annotations
@@ -45,12 +46,13 @@ def build_iso(files: t.Mapping[str, bytes]) -> bytes:
         iso.close()
 
 
-def nocloud_files(*, instance_id: str, hostname: str, user_data: str | None,
+def nocloud_files(*, instance_id: str, hostname: str, user_data: str | bytes | None,
                   public_keys: t.Sequence[str] = ()) -> dict[str, bytes]:
-    return {"user-data": (user_data or "").encode(), "meta-data": meta_data(instance_id, hostname, public_keys)}
+    content = user_data.encode() if isinstance(user_data, str) else user_data or b""
+    return {"user-data": content, "meta-data": meta_data(instance_id, hostname, public_keys)}
 
 
-def write_config_drive(path: str, *, instance_id: str, hostname: str, user_data: str | None,
+def write_config_drive(path: str, *, instance_id: str, hostname: str, user_data: str | bytes | None,
                        public_keys: t.Sequence[str] = ()) -> None:
     """Write the guest's config drive to ``path`` (atomically; mode 0600: user data may hold secrets)."""
     image = build_iso(nocloud_files(instance_id=instance_id, hostname=hostname, user_data=user_data,

@@ -25,6 +25,13 @@ here is adopted (queued: its reconcile takes over, the domain untouched); any ot
 once a direct GET of the VirtualMachine (not the cache) confirms that it is gone, recreated, stopped or
 placed elsewhere: a lagging watch never kills a guest.
 
+User data from a Secret (``spec.userDataSecretRef``): the launch carries only a reference (namespace, name, key);
+the agent of the guest's host GETs the Secret each time it starts the domain and writes the content into the
+config drive file alone (mode 0600) — never into an object, a report or a log line (the "domain started" line
+names the Secret and the content's sha256, which the test guest also prints). A missing Secret or key refuses
+the start with a message in ``status.node.message`` (the guest shows StartFailed) and the start is retried with
+backoff. Simulated hosts read the Secret too (so they fail the same way) but have no drive to write.
+
 Files of a guest (libvirt hosts only): ``<state-dir>/vms/<uid>/`` holds ``console.log`` (the serial
 console, written by QEMU), ``config-drive.iso`` and ``owner.json`` (namespace and name, so a janitor can
 confirm the VirtualMachine is gone before removing the directory).
@@ -34,7 +41,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import base64
+import binascii
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -45,6 +55,7 @@ import typing as t
 import pydantic
 
 from controllers.api.v1alpha1.virtualmachine import LaunchSpec
+from controllers.api.v1alpha1.common import SecretKeyReference
 
 from controllers.api.v1alpha1.network import Segment
 
@@ -54,7 +65,7 @@ from .drivers.hypervisor import Domain, DomainState, HypervisorDriver, Hyperviso
 from .drivers.network import NetworkError
 from .drivers.network.simulator import SimulatorNetworkDriver
 from .executor import SubprocessExecutor
-from .kube import KubeError
+from .kube import KubeError, resource_path
 from .reconciler import ObjectReconciler
 from .securitygroups import SecurityGroupEnforcer, SecurityGroupError, guest_nics
 
@@ -108,9 +119,10 @@ class VmFiles:
     def config_drive(self, uid: str) -> str:
         return os.path.join(self.directory(uid), "config-drive.iso")
 
-    def prepare(self, vm: t.Mapping[str, t.Any], launch: LaunchSpec, domain_name: str) -> tuple[str, str]:
+    def prepare(self, vm: t.Mapping[str, t.Any], launch: LaunchSpec, domain_name: str,
+                user_data: str | bytes | None) -> tuple[str, str]:
         """Create the guest's directory, owner file, console log (rotated when big, with a header line) and
-        config drive; (console log, config drive) paths."""
+        config drive (with ``user_data``, the launch's or its Secret's); (console log, config drive) paths."""
         meta = vm["metadata"]
         uid = str(meta["uid"])
         directory = self.directory(uid)
@@ -129,7 +141,7 @@ class VmFiles:
             file.write(f"\n[cumulo-agent {stamp}] starting domain {domain_name} on host {launch.host}\n")
         drive = self.config_drive(uid)
         write_config_drive(drive, instance_id=uid, hostname=launch.hostname or str(meta["name"]),
-                           user_data=launch.user_data, public_keys=launch.ssh_public_keys)
+                           user_data=user_data, public_keys=launch.ssh_public_keys)
         return console, drive
 
     def leftovers(self) -> list[tuple[str, dict[str, t.Any] | None, float]]:
@@ -393,6 +405,7 @@ class VmReconciler(ObjectReconciler):
         uid = str(vm["metadata"]["uid"])
         name = vmspec.domain_name(str(vm["metadata"].get("namespace", "")), str(vm["metadata"]["name"]), uid)
         console = drive = None
+        user_data, secret_note = await self._user_data(vm, launch)
         if hypervisor.local_files:
             for disk in launch.disks:
                 if not os.path.exists(disk.path):
@@ -400,7 +413,7 @@ class VmReconciler(ObjectReconciler):
             for path in (launch.kernel_path, launch.initrd_path):
                 if path and not os.path.exists(path):
                     raise StartRefused(f"boot file {path} does not exist")
-            console, drive = await asyncio.to_thread(self.files.prepare, vm, launch, name)
+            console, drive = await asyncio.to_thread(self.files.prepare, vm, launch, name, user_data)
         description = vmspec.describe(vm, launch, console_log=console, config_drive=drive,
                                       host_mhz=worker.facts.cpu_speed_mhz if worker.facts else None,
                                       started_at=datetime.datetime.now(datetime.timezone.utc))
@@ -410,8 +423,42 @@ class VmReconciler(ObjectReconciler):
         self._starts[key] = Starts(uid, started, previous.quick_stops if previous and previous.uid == uid else 0)
         self._adopted.add(key)
         log.info("domain started", extra={"object": key, "domain": domain.name, "uuid": uid, "host": launch.host,
-                                          "seconds": round(time.monotonic() - started, 2)})
+                                          "seconds": round(time.monotonic() - started, 2), **secret_note})
         return domain
+
+    async def _user_data(self, vm: t.Mapping[str, t.Any], launch: LaunchSpec) -> tuple[str | bytes | None, dict]:
+        """The user data for the config drive: the launch's inline text, or its Secret's key read now; and what
+        may be logged of it (the Secret's name and the content's sha256, never the content)."""
+        ref = launch.user_data_secret
+        if ref is None:
+            return launch.user_data, {}
+        content = await self.read_user_data_secret(str(vm["metadata"].get("namespace", "")), ref)
+        return content, {"user_data_secret": f"{ref.namespace}/{ref.name}",
+                         "user_data_sha256": hashlib.sha256(content).hexdigest()}
+
+    async def read_user_data_secret(self, namespace: str, ref: SecretKeyReference) -> bytes:
+        """The bytes of the Secret's key (gzip user data stays binary). Raises StartRefused with a message fit
+        for status: it names the Secret and the key, and carries nothing of the Secret's data."""
+        where = f"user data Secret {ref.namespace}/{ref.name}"
+        if ref.namespace != namespace:
+            # The controller writes the guest's own namespace; anything else is not this guest's to read.
+            raise StartRefused(f"{where} is not in the guest's namespace {namespace}")
+        try:
+            secret = await self.agent.api.request(
+                "GET", resource_path("", "v1", "secrets", ref.name, namespace=ref.namespace))
+        except KubeError as error:
+            if error.status == 404:
+                raise StartRefused(f"{where} does not exist") from None
+            if error.status == 403:
+                raise StartRefused(f"{where} cannot be read by the agent: {error.message}") from None
+            raise StartRefused(f"{where} cannot be read: {error.reason or error.status}") from None
+        encoded = (secret.get("data") or {}).get(ref.key)
+        if encoded is None:
+            raise StartRefused(f"{where} has no key '{ref.key}'")
+        try:
+            return base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise StartRefused(f"{where}: key '{ref.key}' is not valid base64") from None
 
     async def _converge_disks(self, key: str, launch: LaunchSpec, hypervisor: HypervisorDriver,
                               domain: Domain) -> tuple[Domain | None, float | None, str]:

@@ -23,12 +23,14 @@ from controllers.api.v1alpha1.template import ImageFormat, TemplateState
 from controllers.api.v1alpha1.network import NetworkPhase, TrafficRule
 from controllers.api.v1alpha1.networkoffering import GuestIpType, NetworkService
 from controllers.api.v1alpha1.virtualmachine import (
+    USER_DATA_KEY,
     DesiredState,
     LaunchDisk,
     LaunchNic,
     LaunchSpec,
     NicStatus,
     Placement,
+    SecretKeyReference,
     SecurityGroupPolicy,
     VirtualMachineStatus,
     VmPhase,
@@ -552,6 +554,10 @@ class VirtualMachineReconciler(InventoryReconciler):
             initrd_path=f"{copy.path}.initrd" if kernel and kernel.initrd else None,
             kernel_cmdline=kernel.cmdline if kernel else None,
             power_state=DesiredState.RUNNING, user_data=vm.spec.user_data,
+            # A reference only: the agent reads the Secret itself, so its content never lands in this object.
+            user_data_secret=SecretKeyReference(
+                namespace=vm.metadata.namespace, name=vm.spec.user_data_secret_ref.name, key=USER_DATA_KEY)
+            if vm.spec.user_data_secret_ref else None,
             ssh_public_keys=list(vm.spec.ssh_public_keys), hostname=vm.spec.hostname or vm.metadata.name,
         )
 

@@ -544,3 +544,94 @@ def test_label_selectors_of_the_agents_hosts():
     assert host_selector(["s-0", "s-1", "s-2"]) == "cumulo.io/host in (s-0,s-1,s-2)"
     many = [f"simulated-host-{index}" for index in range(MAX_SELECTOR_LENGTH // 10)]
     assert host_selector(many) == "cumulo.io/host"  # too long for a URL: every bound object, filtered here
+
+
+# -- User data from a Secret ------------------------------------------------------------------------------
+
+SECRET_PATH = "/api/v1/namespaces/ns/secrets/web-userdata"
+USER_DATA = b"#cloud-config\nchpasswd: {list: 'root:sup3r-s3cret'}\n"
+
+
+def secret_vm(tmp_path: Path) -> dict:
+    """A guest whose launch refers to a user data Secret, with disk files a file-backed host can find."""
+    root = tmp_path / "root.qcow2"
+    root.write_bytes(b"")
+    vm = vm_object()
+    vm["status"]["launch"]["disks"][0]["path"] = str(root)
+    vm["status"]["launch"]["userDataSecret"] = {"namespace": "ns", "name": "web-userdata", "key": "userdata"}
+    return vm
+
+
+class FileBackedSimulator(SimulatorDriver):
+    """A simulated host whose domains read this host's files: the agent prepares console and config drive."""
+
+    local_files = True
+
+
+def test_user_data_secret_goes_into_the_config_drive_only(tmp_path, caplog):
+    import base64
+    import hashlib
+
+    from hostagent import configdrive
+
+    async def main() -> None:
+        agent = make_agent(tmp_path)
+        agent.workers["h1"].hypervisor = FileBackedSimulator(SimulatedCapacity(), agent.faults, version="1")
+        agent.api.objects[SECRET_PATH] = {"data": {"userdata": base64.b64encode(USER_DATA).decode()}}
+        reconciler = VmReconciler(agent)
+        vm = secret_vm(tmp_path)
+        with caplog.at_level("DEBUG"):
+            assert await vm_round(reconciler, vm) is None
+        assert vm["status"]["node"]["domainState"] == "running" and vm["status"]["node"]["message"] == ""
+        assert ("GET", SECRET_PATH, None) in agent.api.requests
+        drive = reconciler.files.config_drive(UID)
+        assert os.stat(drive).st_mode & 0o777 == 0o600
+        with open(drive, "rb") as file:
+            assert configdrive.read_iso_files(file.read())["user-data"] == USER_DATA
+        # Nowhere else: not in what the agent wrote to the API, nor in its log (which names the Secret and hash).
+        assert b"sup3r" not in json.dumps(agent.api.requests).encode()
+        assert "sup3r" not in caplog.text and "sup3r" not in repr([r.__dict__ for r in caplog.records])
+        started = next(r for r in caplog.records if r.getMessage() == "domain started")
+        assert started.user_data_secret == "ns/web-userdata"
+        assert started.user_data_sha256 == hashlib.sha256(USER_DATA).hexdigest()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("secret, message", [
+    (None, "user data Secret ns/web-userdata does not exist"),
+    ({"data": {"other": "eA=="}}, "user data Secret ns/web-userdata has no key 'userdata'"),
+    (KubeError(403, "Forbidden", 'secrets "web-userdata" is forbidden'),
+     "user data Secret ns/web-userdata cannot be read by the agent: secrets \"web-userdata\" is forbidden"),
+])
+def test_a_missing_user_data_secret_or_key_refuses_the_start_with_backoff(tmp_path, secret, message):
+    async def main() -> None:
+        agent = make_agent(tmp_path)
+        if secret is not None:
+            agent.api.objects[SECRET_PATH] = secret
+        reconciler = VmReconciler(agent)
+        vm = secret_vm(tmp_path)
+        delays = [await vm_round(reconciler, vm) for _ in range(3)]
+        assert delays[0] > 0 and delays[2] > delays[0]  # backoff, not a hot loop
+        assert vm["status"]["node"]["message"] == message and vm["status"]["node"]["domainState"] == "shutoff"
+        assert await agent.workers["h1"].hypervisor.domain(UID) is None
+        # Fixed: the next start reads it and the guest runs.
+        agent.api.objects[SECRET_PATH] = {"data": {"userdata": "eA=="}}
+        assert await vm_round(reconciler, vm) is None
+        assert vm["status"]["node"]["message"] == "" and vm["status"]["node"]["domainState"] == "running"
+
+    asyncio.run(main())
+
+
+def test_a_user_data_secret_of_another_namespace_is_not_read(tmp_path):
+    async def main() -> None:
+        agent = make_agent(tmp_path)
+        reconciler = VmReconciler(agent)
+        vm = secret_vm(tmp_path)
+        vm["status"]["launch"]["userDataSecret"]["namespace"] = "other"
+        await vm_round(reconciler, vm)
+        assert vm["status"]["node"]["message"] == "user data Secret other/web-userdata is not in the guest's " \
+                                                  "namespace ns"
+        assert not [path for method, path, _ in agent.api.requests if "/secrets/" in path]
+
+    asyncio.run(main())

@@ -283,3 +283,33 @@ def test_a_data_volume_follows_its_guest_attach_resize_detach():
         await runtime.stop()
 
     asyncio.run(scenario())
+
+
+def test_user_data_from_a_secret_is_a_reference_in_the_launch_and_a_missing_key_shows_as_start_failed():
+    async def scenario():
+        api = FakeApi()
+        world(api)
+        runtime = await start(api)
+        agent_downloads(api)
+        api.put("virtualmachines", obj("VirtualMachine", "vm1", {
+            "serviceOffering": "small", "template": {"name": "tiny"}, "zone": "z1",
+            "userDataSecretRef": {"name": "vm1-userdata"}}, namespace="demo"))
+        await settle(runtime)
+        agent_creates_disk(api, "vm1-root")
+        await settle(runtime)
+        launch = api.get("virtualmachines", "vm1", "demo")["status"]["launch"]
+        # The agent reads the Secret itself: the launch names it and holds nothing of its content.
+        assert launch["userDataSecret"] == {"namespace": "demo", "name": "vm1-userdata", "key": "userdata"}
+        assert "userData" not in launch
+
+        vm = api.get("virtualmachines", "vm1", "demo")
+        message = "user data Secret demo/vm1-userdata has no key 'userdata'"
+        vm["status"]["node"] = {"host": "h1", "domainState": "shutoff", "message": message}
+        api.put("virtualmachines", vm)
+        await settle(runtime)
+        vm = api.get("virtualmachines", "vm1", "demo")
+        assert vm["status"]["phase"] == "Starting"
+        assert any(c["reason"] == "StartFailed" and c["message"] == message for c in conditions(vm).values())
+        await runtime.stop()
+
+    asyncio.run(scenario())

@@ -22,10 +22,14 @@ from .common import (
     Resource,
     ResourceStatus,
     Rule,
+    SecretKeyReference,
     StrEnum,
     column,
     rules,
 )
+
+USER_DATA_KEY = "userdata"
+"""The key of a user data Secret (``spec.userDataSecretRef``) holding the user data."""
 
 MacAddress = t.Annotated[
     str,
@@ -212,7 +216,11 @@ class LaunchSpec(Model):
     initrd_path: str | None = Field(None, description="Initrd for direct-kernel boot.")
     kernel_cmdline: str | None = Field(None, description="Kernel command line for direct-kernel boot.")
     power_state: DesiredState = Field(DesiredState.RUNNING, description="Running or Stopped: what the agent does.")
-    user_data: str | None = Field(None, description="Resolved cloud-init user data, for the NoCloud config drive.")
+    user_data: str | None = Field(None, description="Inline cloud-init user data (spec.userData), for the NoCloud "
+                                  "config drive.")
+    user_data_secret: SecretKeyReference | None = Field(
+        None, description="The Secret key holding the user data (spec.userDataSecretRef): a reference, never the "
+        "content; the agent of the guest's host reads it when it writes the config drive.")
     ssh_public_keys: list[str] = Field(default_factory=list, description="SSH keys for the config drive's meta-data.")
     hostname: str = Field("", description="Guest host name for the config drive.")
 
