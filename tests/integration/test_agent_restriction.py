@@ -179,6 +179,24 @@ def test_agent_rbac_has_only_the_verbs_it_calls(world: World, agent1: client.Api
     assert [item["metadata"]["name"] for item in listed["items"]] == [vm]
 
 
+def test_agent_gets_a_secret_by_name_only(world: World, kube: client.ApiClient, agent1: client.ApiClient) -> None:
+    """User data Secrets: GET by name, the known gap (any Secret it names; see agent-restriction.yaml), and no
+    list, watch or write of Secrets."""
+    name = unique("userdata")
+    client.CoreV1Api(kube).create_namespaced_secret(world.namespace, {
+        "metadata": {"name": name}, "stringData": {"userdata": "#cloud-config\n"}})
+    core = client.CoreV1Api(agent1)
+    assert core.read_namespaced_secret(name, world.namespace).data == {"userdata": "I2Nsb3VkLWNvbmZpZwo="}
+    for call in (
+        lambda: core.list_secret_for_all_namespaces(),
+        lambda: core.list_namespaced_secret(world.namespace, watch=True, timeout_seconds=1),
+        lambda: core.patch_namespaced_secret(name, world.namespace, {"stringData": {"userdata": "x"}}),
+        lambda: core.delete_namespaced_secret(name, world.namespace),
+        lambda: core.create_namespaced_secret(world.namespace, {"metadata": {"name": unique("s")}}),
+    ):
+        assert f'User "system:cumulo-agent:{world.host1}" cannot' in refusal(call)
+
+
 def test_simulator_identity_acts_for_its_simulated_hosts_only(world: World) -> None:
     base = unique("rsim")
     for name in (f"{base}-0", f"{base}-12", f"{base}-x"):

@@ -158,6 +158,8 @@ def test_agent_role_writes_only_status_of_its_kinds_hosts_and_leases() -> None:
                       "volumes/status": {"patch"}, "templates/status": {"patch"}, "virtualrouters/status": {"patch"}}
     assert granted(role, "leases", "coordination.k8s.io") == {"create", "patch"}
     assert granted(role, "nodes", "") == {"get"}
+    # User data Secrets are read by name when a guest starts; never listed or watched (no bulk reads of Secrets).
+    assert granted(role, "secrets", "") == {"get"}
     assert {group for rule in role["rules"] for group in rule["apiGroups"]} == {"cumulo.io", "coordination.k8s.io", ""}
     policy = docs[("ValidatingAdmissionPolicy", "cumulo-agent-node-restriction")]
     binding = docs[("ValidatingAdmissionPolicyBinding", "cumulo-agent-node-restriction")]
