@@ -10,6 +10,7 @@ import pytest
 from kubernetes.client import ApiClient
 
 from cumulo import envtest, toolchain
+from cumuloprocess import free_port  # noqa: F401 (also used by fixtures here)
 
 REPO = Path(__file__).resolve().parents[2]
 INTEGRATION_DIR = Path(__file__).resolve().parent
@@ -93,12 +94,6 @@ class Process:
         self._log.close()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ensure_namespace(plane: envtest.ControlPlane, name: str) -> None:

@@ -43,3 +43,12 @@ class CumuloProcess:
                 self.popen.kill()
                 self.popen.wait()
         self._log.close()
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (metrics, health and webhook ports of processes under test)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -9,7 +9,6 @@ the same objects.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import time
 import typing as t
@@ -21,17 +20,13 @@ import yaml
 
 from controllers.api.v1alpha1.common import SYSTEM_NAMESPACE
 from cumuloprocess import CumuloProcess as Process
+from cumuloprocess import free_port
 from privateplane import private_plane_fixtures
 
 control_plane, kube, system_namespace = private_plane_fixtures()
 
 LEASE_DURATION, RENEW_DEADLINE, RETRY_PERIOD = 6, 4, 1
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def controller(plane, identity: str, health_port: int = 0) -> Process:

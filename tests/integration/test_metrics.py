@@ -12,7 +12,7 @@ from kubernetes import client
 from prometheus_client.parser import text_string_to_metric_families
 
 pytest.register_assert_rewrite("conftest_libvirt")
-from conftest import free_port  # noqa: E402
+from cumuloprocess import free_port  # noqa: E402
 from conftest_libvirt import Cloud, unique, wait_for  # noqa: E402
 
 pytest_plugins = ["conftest_libvirt"]
