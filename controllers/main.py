@@ -49,8 +49,8 @@ def register(registry: kopf.OperatorRegistry, options: argparse.Namespace,
         for kind in kinds.ALL:
             if kind.selector:
                 settings.watching.label_selectors[kind.group, kind.plural] = kind.selector
-        runtime = Runtime(KubeApi(load_client(options.kubeconfig)), kinds.ALL, reconcilers.ALL,
-                          workers=options.workers)
+        runtime = Runtime(KubeApi(load_client(options.kubeconfig, pool_size=options.workers + 8),
+                                  threads=options.workers + 4), kinds.ALL, reconcilers.ALL, workers=options.workers)
         runtime.reconcilers["hosts"].alert_after_seconds = options.host_alert_after
         metrics.watch_runtime(runtime)
         await webhook.setup(settings, options, runtime.api.client)
@@ -126,7 +126,8 @@ def parse_args(argv: t.Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="cumulo-controller", description=__doc__.split("\n")[0])
     parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"),
                         help="kubeconfig to use (default: $KUBECONFIG, else in-cluster)")
-    parser.add_argument("--workers", type=int, default=4, help="concurrent reconciles")
+    parser.add_argument("--workers", type=int, default=16,
+                        help="concurrent reconciles (they mostly wait for the apiserver; see benchmarks/burst.py)")
     parser.add_argument("--host-alert-after", type=float, default=300.0,
                         help="seconds a Disconnected host waits before it goes to Alert")
     parser.add_argument("--log-level", default="INFO")
