@@ -8,7 +8,10 @@ resourceVersion they were computed from, so a concurrent change fails the write 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
+import functools
 import datetime
 import socket
 import typing as t
@@ -20,19 +23,27 @@ from kubernetes.client.rest import ApiException
 from controllers.runtime import Conflict, Kind
 
 
-def load_client(kubeconfig: str | None = None) -> client.ApiClient:
+def load_client(kubeconfig: str | None = None, pool_size: int = 32) -> client.ApiClient:
+    """A client whose connection pool keeps ``pool_size`` connections: with fewer than the requests in flight,
+    urllib3 opens (a TLS handshake each) and drops connections on every burst."""
+    configuration = client.Configuration()
     if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig)
-    try:
-        config.load_incluster_config()
-        return client.ApiClient()
-    except config.ConfigException:
-        return config.new_client_from_config()
+        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    else:
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=configuration)
+    configuration.connection_pool_maxsize = pool_size
+    return client.ApiClient(configuration)
 
 
 class KubeApi:
-    def __init__(self, api_client: client.ApiClient, component: str = "cumulo-controller"):
+    def __init__(self, api_client: client.ApiClient, component: str = "cumulo-controller", threads: int = 20):
+        """``threads``: requests in flight at once (the reconcile workers' writes, the usage meter's, events); not
+        asyncio's default executor, which has cores + 4 threads and would queue the workers' requests."""
         self.client = api_client
+        self._threads = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kubeapi")
         self.custom = client.CustomObjectsApi(api_client)
         self.component = component
         self.instance = f"{component}-{socket.gethostname()}"
@@ -40,7 +51,8 @@ class KubeApi:
 
     async def _call(self, function: t.Callable[..., t.Any], *args: t.Any, **kwargs: t.Any) -> t.Any:
         try:
-            return await asyncio.to_thread(function, *args, **kwargs)
+            call = functools.partial(contextvars.copy_context().run, function, *args, **kwargs)
+            return await asyncio.get_running_loop().run_in_executor(self._threads, call)
         except ApiException as error:
             if error.status == 409:  # the object moved on since the resourceVersion we wrote against
                 raise Conflict(error.reason) from error

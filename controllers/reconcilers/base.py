@@ -57,6 +57,9 @@ class InventoryReconciler(Reconciler, abc.ABC):
     dependents: t.ClassVar[tuple[Dependents, ...]] = ()
     agent_status_keys: t.ClassVar[tuple[str, ...]] = ()
     """Status keys another writer (the host agent) owns; never patched here."""
+    progress_reasons: t.ClassVar[frozenset[str]] = frozenset()
+    """Ready reasons that are steps of a normal transition: announced only with a change of phase (an Event is
+    a write; a burst of guests should not pay one per step)."""
 
     def setup(self) -> None:
         for dependent in self.dependents:
@@ -152,6 +155,8 @@ class InventoryReconciler(Reconciler, abc.ABC):
         old = (obj.status.phase, old_ready.reason if old_ready else None)
         new = (status.phase, new_ready.reason if new_ready else None)
         if old == new or new_ready is None:
+            return
+        if old[0] == new[0] and new[1] in self.progress_reasons:
             return
         type_ = "Normal" if new_ready.status.value == "True" or status.phase == "Deleting" else "Warning"
         note = f"{status.phase}: {new_ready.message or new_ready.reason}"

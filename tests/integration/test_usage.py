@@ -84,7 +84,9 @@ def test_running_hours_of_a_guest_match_the_interval_and_survive_a_restart(cloud
     (record,) = [r for r in records() if r["status"].get("runningHours")] or [None]
     assert record["status"]["offering"] == offering
     assert abs(record["status"]["runningHours"] * 3600 - measured) < TOLERANCE_SECONDS
-    assert record["status"]["allocatedHours"] * 3600 >= measured
+    # Allocated at least as long as it ran (allocated time counts up to meteredUntil; a stopped guest's record is
+    # refreshed at the meter's checkpoint, not on every later event, so not against this test's clock).
+    assert record["status"]["allocatedHours"] >= record["status"]["runningHours"]
     listed = control_plane.kubectl("get", "usagerecords", "-n", namespace).stdout
     assert record["metadata"]["name"] in listed and "VirtualMachine" in listed
 
