@@ -268,11 +268,15 @@ def test_template_vm_volume_lifecycle_and_agent_restart(
     assert not Path(f"{copy}.partial").exists()
     assert "cumulo.io/host" not in template["metadata"].get("labels", {})  # unbound once Ready
 
-    # -- Two guests: one plain, one with user data and SSH keys (booted in parallel) -------------------
+    # -- Two guests: user data from a Secret, and inline with SSH keys (booted in parallel) ------------
     user_data = "#cloud-config\nruncmd:\n  - echo hello from cumulo\n"
+    secret_data = "#cloud-config\nchpasswd:\n  list: |\n    root:from-a-secret-4f1c\n"
+    client.CoreV1Api(kube).create_namespaced_secret(objects.namespace, {
+        "metadata": {"name": "vm1-userdata"}, "stringData": {"userdata": secret_data}})
     started = time.monotonic()
     objects.create("virtualmachines", "VirtualMachine", "vm1", {
-        "serviceOffering": zone.offering, "template": {"name": "tiny"}, "zone": zone.name})
+        "serviceOffering": zone.offering, "template": {"name": "tiny"}, "zone": zone.name,
+        "userDataSecretRef": {"name": "vm1-userdata"}})
     objects.create("virtualmachines", "VirtualMachine", "vm2", {
         "serviceOffering": zone.offering, "template": {"name": "tiny"}, "zone": zone.name, "hostname": "second",
         "userData": user_data, "sshPublicKeys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTests test@cumulo"],
@@ -293,7 +297,10 @@ def test_template_vm_volume_lifecycle_and_agent_restart(
     console1.wait(line(f"{guestimage.BOOT_COUNT_PREFIX}1"), 10)
     console1.wait(line(f"{guestimage.INSTANCE_ID_PREFIX}{uid1}"), 10)
     console1.wait(line(f"{guestimage.LOCAL_HOSTNAME_PREFIX}vm1"), 10)
-    console1.wait(line(f"{guestimage.USERDATA_SHA256_PREFIX}{hashlib.sha256(b'').hexdigest()}"), 10)
+    # The Secret's content reached the guest through the config drive (0600), and no object holds it.
+    console1.wait(line(f"{guestimage.USERDATA_SHA256_PREFIX}{hashlib.sha256(secret_data.encode()).hexdigest()}"), 10)
+    assert (zone.state_dir / "vms" / uid1 / "config-drive.iso").stat().st_mode & 0o777 == 0o600
+    assert "from-a-secret" not in control_plane.kubectl("get", "vm", "-n", objects.namespace, "-o", "json").stdout
 
     # Steady state: nothing changes, nothing is written (the agent polls its domains every 10 s).
     since = time.time()
