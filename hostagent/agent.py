@@ -312,7 +312,7 @@ class Agent:
                                             resync_seconds=config.resync)
         self.volumes = VolumeReconciler(self, resync_seconds=config.resync)
         self.vms = VmReconciler(self, stop_timeout=config.stop_timeout, sweep_seconds=config.orphan_sweep,
-                                resync_seconds=config.vm_resync, concurrency=config.vm_concurrency)
+                                resync_seconds=config.vm_resync, concurrency=config.process_vm_concurrency)
         self.routers = RouterReconciler(self, sweep_seconds=config.orphan_sweep, resync_seconds=config.resync)
         self.reconcilers = [self.templates, self.volumes, self.vms, self.routers]
         # Not part of the initial sync: heartbeats and host reports do not wait for them, and each reconciler

@@ -110,6 +110,21 @@ class AgentConfig:
     sim_start_seconds: float = 0.0
     sim_stop_seconds: float = 0.0
 
+    @property
+    def process_scale(self) -> int:
+        """How many agents' worth of concurrent work the process does: a ``--simulate N`` process stands for N
+        agents, each with its own guests' queue and API threads; up to 4 agents' worth, as one process shares
+        its cores (benchmarks/burst.py: with 4 guests at a time for 10 hosts, a burst waited on the agent)."""
+        return max(1, min(len(self.hosts), 4))
+
+    @property
+    def process_vm_concurrency(self) -> int:
+        return self.vm_concurrency * self.process_scale
+
+    @property
+    def process_api_threads(self) -> int:
+        return self.api_threads * self.process_scale
+
     def validate(self) -> None:
         if self.heartbeat_interval <= 0 or self.check_interval <= 0:
             raise ConfigError("--heartbeat-interval and --check-interval must be positive")

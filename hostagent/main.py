@@ -202,7 +202,7 @@ async def run(config: AgentConfig, kube: Kube) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     os.register_at_fork(after_in_child=_forget_signal_handling)
-    api = AsyncKube(kube, threads=config.api_threads)
+    api = AsyncKube(kube, threads=config.process_api_threads)
     try:
         await Agent(config, api, build_workers).run(stop)
     finally:
@@ -228,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("cannot serve metrics; running without", extra={
                 "address": options.metrics_address, "port": options.metrics_port, "error": str(error)})
     kube = Kube(configuration, user_agent=f"cumulo-agent/{agent_version()}",
-                max_connections=config.api_threads + 8)
+                max_connections=config.process_api_threads + 8)
     log.info("starting", extra={"hosts": len(config.hosts), "first_host": config.hosts[0],
                                 "hypervisor": config.hypervisor, "heartbeat_interval": config.heartbeat_interval,
                                 "lease_duration": config.lease_duration})
