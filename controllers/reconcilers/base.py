@@ -58,8 +58,8 @@ class InventoryReconciler(Reconciler, abc.ABC):
     agent_status_keys: t.ClassVar[tuple[str, ...]] = ()
     """Status keys another writer (the host agent) owns; never patched here."""
     progress_reasons: t.ClassVar[frozenset[str]] = frozenset()
-    """Ready reasons that are steps of a normal transition: announced only with a change of phase (an Event is
-    a write; a burst of guests should not pay one per step)."""
+    """Ready reasons that are steps of a normal transition: announced only with a change from one phase to another,
+    not within a phase nor on the first status (an Event is a write; a burst of guests should not pay one per step)."""
 
     def setup(self) -> None:
         for dependent in self.dependents:
@@ -156,7 +156,7 @@ class InventoryReconciler(Reconciler, abc.ABC):
         new = (status.phase, new_ready.reason if new_ready else None)
         if old == new or new_ready is None:
             return
-        if old[0] == new[0] and new[1] in self.progress_reasons:
+        if new[1] in self.progress_reasons and (old[0] == new[0] or old[0] is None):
             return
         type_ = "Normal" if new_ready.status.value == "True" or status.phase == "Deleting" else "Warning"
         note = f"{status.phase}: {new_ready.message or new_ready.reason}"

@@ -56,8 +56,8 @@ class UsageReconciler(Reconciler):
                 # A new object or a run that begins is recomputed from the object's timestamps at any later
                 # look (the next checkpoint, a restart); only what the objects do not keep must be written
                 # now: an end (the time a run stopped is when it was seen), a deletion, a new size or offering.
-                if before is not None and (before[0] != facts[0] or before[2:] != facts[2:]
-                                           or (before[1] is not None and before[1] != facts[1])):
+                if before is not None and (before[0] != facts[0] or (before[1] is not None and before[1] != facts[1])
+                                           or any(b is not None and b != f for b, f in zip(before[2:], facts[2:]))):
                     self._dirty[uid] = (plural, obj, utcnow())
                 return []
             return mapper
@@ -65,7 +65,8 @@ class UsageReconciler(Reconciler):
 
     @staticmethod
     def _facts(plural: str, obj: t.Any) -> tuple:
-        """What metering reads from an object: (end, start of the current run, amounts)."""
+        """What metering reads from an object: (end, start of the current run, amounts). An amount that becomes
+        known (a new volume's size) is no change; one that changes is."""
         meta = obj.metadata
         end = (str(meta.deletion_timestamp) if meta.deletion_timestamp else None,
                str(obj.status.destroyed_at) if plural == "virtualmachines" and obj.status.destroyed_at else None)

@@ -67,7 +67,7 @@ def domain_stopped(vm: VirtualMachine) -> bool:
 class VirtualMachineReconciler(InventoryReconciler):
     kind = kinds.VIRTUALMACHINES
     agent_status_keys = ("node",)
-    progress_reasons = frozenset({"CreatingRootVolume", "Starting"})
+    progress_reasons = frozenset({"Starting"})
 
     def setup(self) -> None:
         super().setup()

@@ -35,6 +35,7 @@ def base_image_path(pool: StoragePool, template_uid: str, fmt: ImageFormat) -> s
 class VolumeReconciler(InventoryReconciler):
     kind = kinds.VOLUMES
     agent_status_keys = ("node",)
+    progress_reasons = frozenset({"Creating"})
 
     def setup(self) -> None:
         super().setup()
