@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile:
                 args.profile.mkdir(parents=True, exist_ok=True)
                 with Profiler(cloud.controller, args.profile / f"controller-{variant}.svg"), \
+                        Profiler(cloud.controller, args.profile / f"controller-{variant}.txt"), \
                         Profiler(cloud.agent, args.profile / f"agent-{variant}.svg"):
                     latencies, stamped, took = run(cloud, names, spacing, args.timeout)
             else:

@@ -117,7 +117,8 @@ class Profiler:
 
     def __init__(self, process: Process, output: Path, rate: int = 50) -> None:
         self.command = [PYSPY, "record", "--pid", str(process.pid), "--rate", str(rate), "--output", str(output),
-                        "--format", "speedscope" if output.suffix == ".json" else "flamegraph", "--nonblocking"]
+                        "--format", {".json": "speedscope", ".txt": "raw"}.get(output.suffix, "flamegraph"),
+                        "--nonblocking"]
         self.output = output
         self.popen: subprocess.Popen | None = None
 
@@ -140,7 +141,7 @@ class SimCloud:
 
     def __init__(self, *, hosts: int, cpus_per_host: int, memory_mib: int = 262144, workdir: Path | None = None,
                  controller_args: t.Sequence[str] = (), agent_args: t.Sequence[str] = (),
-                 restricted_agent: bool = True, keep: bool = False) -> None:
+                 restricted_agent: bool = True, keep: bool = False, hosts_per_agent: int | None = None) -> None:
         self.hosts, self.cpus_per_host, self.memory_mib = hosts, cpus_per_host, memory_mib
         self.controller_args, self.agent_args = list(controller_args), list(agent_args)
         self.restricted_agent = restricted_agent
@@ -148,12 +149,20 @@ class SimCloud:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="cumulo-bench-"))
         self.plane = envtest.ControlPlane(self.workdir / "plane")
         self.controller: Process | None = None
-        self.agent: Process | None = None
+        self.agents: list[Process] = []
         self.base = unique("sim")
         self.zone, self.pod, self.cluster = unique("zone"), unique("pod"), unique("cluster")
         self.offering = unique("small")
         self.namespace = unique("bench")
-        self.host_names = [f"{self.base}-{i}" for i in range(hosts)]
+        # One `cumulo-agent --simulate N` process per group of hosts: <base>a<k>-<i>.
+        per_agent = hosts_per_agent or hosts
+        self.groups = [(f"{self.base}a{k}", min(per_agent, hosts - start)) for k, start in
+                       enumerate(range(0, hosts, per_agent))]
+        self.host_names = [f"{group}-{i}" for group, count in self.groups for i in range(count)]
+
+    @property
+    def agent(self) -> Process | None:
+        return self.agents[0] if self.agents else None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -193,20 +202,21 @@ class SimCloud:
                   process=self.controller)
 
     def start_agent(self) -> None:
-        if self.restricted_agent:
-            kubeconfig, _ = mint_agent_kubeconfig(self.plane, self.base, self.workdir / "agent.kubeconfig",
-                                                  simulator=True)
-        else:
-            kubeconfig = self.plane.admin_kubeconfig
-        self.agent = Process("cumulo-agent", [
-            str(BIN / "cumulo-agent"), "--kubeconfig", str(kubeconfig), "--host", self.base, "--hypervisor",
-            "simulator", "--simulate", str(self.hosts), "--register-cluster", self.cluster, "--sim-cpus",
-            str(self.cpus_per_host), "--sim-memory-mib", str(self.memory_mib), "--metrics-port", "0",
-            "--state-dir", str(self.workdir / "agent-state"), "--log-level", "warning", *self.agent_args],
-            self.workdir / "agent.log")
+        for group, count in self.groups:
+            if self.restricted_agent:
+                kubeconfig, _ = mint_agent_kubeconfig(self.plane, group, self.workdir / f"{group}.kubeconfig",
+                                                      simulator=True)
+            else:
+                kubeconfig = self.plane.admin_kubeconfig
+            self.agents.append(Process(f"cumulo-agent {group}", [
+                str(BIN / "cumulo-agent"), "--kubeconfig", str(kubeconfig), "--host", group, "--hypervisor",
+                "simulator", "--simulate", str(count), "--register-cluster", self.cluster, "--sim-cpus",
+                str(self.cpus_per_host), "--sim-memory-mib", str(self.memory_mib), "--metrics-port", "0",
+                "--state-dir", str(self.workdir / f"{group}-state"), "--log-level", "warning", *self.agent_args],
+                self.workdir / f"{group}.log"))
 
     def stop(self) -> None:
-        for process in (self.agent, self.controller):
+        for process in (*self.agents, self.controller):
             if process is not None:
                 process.stop()
         with contextlib.suppress(Exception):
@@ -232,7 +242,8 @@ class SimCloud:
         self.create_cluster_object("hostpods", "HostPod", self.pod, {
             "zone": self.zone, "cidr": "10.254.0.0/16", "gateway": "10.254.0.1", "startIp": "10.254.0.10",
             "endIp": "10.254.255.250"})
-        self.create_cluster_object("clusters", "Cluster", self.cluster, {"pod": self.pod, "hypervisorType": "Simulator"})
+        self.create_cluster_object("clusters", "Cluster", self.cluster,
+                                   {"pod": self.pod, "hypervisorType": "Simulator"})
 
         def pool(host: str) -> None:
             self.create_cluster_object("storagepools", "StoragePool", f"{host}-local", {
@@ -258,14 +269,15 @@ class SimCloud:
 
     def hosts_up(self) -> int:
         items = self.custom.list_cluster_custom_object(GROUP, VERSION, "hosts")["items"]
-        return sum(1 for item in items if item["metadata"]["name"].startswith(self.base + "-")
+        names = set(self.host_names)
+        return sum(1 for item in items if item["metadata"]["name"] in names
                    and (item.get("status") or {}).get("state") == "Up")
 
     def wait(self, check: t.Callable[[], t.Any], timeout: float, what: str, interval: float = 0.2,
              process: Process | None = None) -> None:
         deadline = time.monotonic() + timeout
         while not check():
-            for proc in (process, self.controller, self.agent):
+            for proc in (process, self.controller, *self.agents):
                 if proc is not None and not proc.alive():
                     raise RuntimeError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.log()[-3000:]}")
             if time.monotonic() > deadline:
@@ -274,7 +286,8 @@ class SimCloud:
 
     def pids(self) -> dict[str, int]:
         state = self.plane._require_state()
-        return {"controller": self.controller.pid, "agent": self.agent.pid, "kube-apiserver": state["apiserver"]["pid"],
+        agents = {"agent" if len(self.agents) == 1 else f"agent {k}": agent.pid for k, agent in enumerate(self.agents)}
+        return {"controller": self.controller.pid, **agents, "kube-apiserver": state["apiserver"]["pid"],
                 "etcd": state["etcd"]["pid"]}
 
     def cpu(self) -> dict[str, float]:
@@ -344,7 +357,7 @@ class RunningWatch:
                 missing = [name for name in names if name not in self.running]
                 raise TimeoutError(f"{len(missing)} of {len(names)} guests not Running after {timeout:.0f}s "
                                    f"(e.g. {missing[:3]})")
-            for process in (self.cloud.controller, self.cloud.agent):
+            for process in (self.cloud.controller, *self.cloud.agents):
                 if process is not None and not process.alive():
                     raise RuntimeError(f"{process.name} exited:\n{process.log()[-3000:]}")
             time.sleep(0.05)
@@ -361,7 +374,8 @@ def timestamp_latencies(cloud: SimCloud, names: t.Collection[str], namespace: st
             continue
         ready = next((c for c in (item.get("status") or {}).get("conditions", []) if c["type"] == "Ready"), None)
         if ready and ready["status"] == "True":
-            latencies.append(parse_time(ready["lastTransitionTime"]) - parse_time(item["metadata"]["creationTimestamp"]))
+            created = parse_time(item["metadata"]["creationTimestamp"])
+            latencies.append(parse_time(ready["lastTransitionTime"]) - created)
     return latencies
 
 
