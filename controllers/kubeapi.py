@@ -99,9 +99,12 @@ class KubeApi:
         return await self._patch(kind, name, namespace, {"status": status_patch}, status=True)
 
     async def set_finalizers(self, kind: Kind, name: str, namespace: str | None, resource_version: str,
-                             wanted: list[str]) -> None:
-        """Replace the finalizer list, only if the object is still at ``resource_version`` (else Conflict)."""
-        body = {"metadata": {"finalizers": wanted, "resourceVersion": resource_version}}
+                             wanted: list[str], labels: dict[str, str] | None = None) -> None:
+        """Replace the finalizer list, only if the object is still at ``resource_version`` (else Conflict); set
+        ``labels`` in the same write."""
+        body: dict[str, t.Any] = {"metadata": {"finalizers": wanted, "resourceVersion": resource_version}}
+        if labels:
+            body["metadata"]["labels"] = labels
         await self._patch(kind, name, namespace, body, missing_ok=True)
 
     async def set_label(self, kind: Kind, name: str, namespace: str | None, key: str, value: str | None) -> None:

@@ -121,15 +121,24 @@ class InventoryReconciler(Reconciler, abc.ABC):
                                                       obj.metadata.resource_version,
                                                       [f for f in finalizers if f != FINALIZER])
                 return Result()
-        elif FINALIZER not in finalizers:
-            await self.runtime.api.set_finalizers(self.kind, obj.metadata.name, obj.metadata.namespace,
-                                                  obj.metadata.resource_version, [*finalizers, FINALIZER])
         ctx = Context(now=utcnow(), blocked_by=tuple(blocked), deleting=deleting(obj))
-        status = self.derive(obj, ctx)
+        status = self.derive(obj, ctx)  # pure apart from in-memory reservations, which a retry derives again
+        if not deleting(obj) and FINALIZER not in finalizers:
+            # The finalizer goes on before anything is recorded or acted on; labels known by now go with it.
+            labels = self.first_labels(obj, status)
+            await self.runtime.api.set_finalizers(self.kind, obj.metadata.name, obj.metadata.namespace,
+                                                  obj.metadata.resource_version, [*finalizers, FINALIZER], labels)
+            if labels:
+                meta = obj.metadata.model_copy(update={"labels": {**obj.metadata.labels, **labels}})
+                obj = obj.model_copy(update={"metadata": meta})
         await self.write_status(obj, status)
         if not deleting(obj):
             await self.act(obj, status)
         return Result(BLOCKED_RECHECK_SECONDS) if blocked else self.requeue(obj)
+
+    def first_labels(self, obj: t.Any, status: t.Any) -> dict[str, str]:
+        """Labels to set in the same write as the finalizer (which ``act`` would otherwise set in another)."""
+        return {}
 
     async def finalize(self, obj: t.Any) -> bool:
         """Release what the object holds outside the API; True once nothing is left (then the finalizer

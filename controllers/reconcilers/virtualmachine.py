@@ -569,6 +569,10 @@ class VirtualMachineReconciler(InventoryReconciler):
 
     # -- actions ------------------------------------------------------------------------------
 
+    def first_labels(self, vm: VirtualMachine, status: VirtualMachineStatus) -> dict[str, str]:
+        host = status.placement.host if status.placement else None
+        return {HOST_LABEL: host} if host and vm.metadata.labels.get(HOST_LABEL) != host else {}
+
     async def act(self, vm: VirtualMachine, status: VirtualMachineStatus) -> None:
         api = self.runtime.api
         host = status.placement.host if status.placement else None

@@ -68,12 +68,16 @@ class FakeApi:
         await self._update(kind, name, namespace, lambda raw: _merge(raw.setdefault("status", {}), patch))
 
     async def set_finalizers(self, kind: Kind, name: str, namespace: str | None, resource_version: str,
-                             wanted: list[str]) -> None:
+                             wanted: list[str], labels: dict[str, str] | None = None) -> None:
         self.calls.append(("set_finalizers", kind.plural, name))
         current = self.objects.get((kind.plural, namespace, name))
         if current is not None and current["metadata"]["resourceVersion"] != resource_version:
             raise Conflict("stale")
-        await self._update(kind, name, namespace, lambda raw: raw["metadata"].__setitem__("finalizers", wanted))
+
+        def update(raw: dict) -> None:
+            raw["metadata"]["finalizers"] = wanted
+            _merge(raw["metadata"].setdefault("labels", {}), labels or {})
+        await self._update(kind, name, namespace, update)
 
     async def set_label(self, kind: Kind, name: str, namespace: str | None, key: str, value: str | None) -> None:
         self.calls.append(("set_label", kind.plural, name))
