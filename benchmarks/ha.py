@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         on_victim = [name for name, status in guests().items()
                      if (status.get("placement") or {}).get("host") == victim]
         cloud.custom.patch_cluster_custom_object(GROUP, VERSION, "hosts", victim, {"metadata": {"annotations": {
-            SIMULATOR_FAULTS_ANNOTATION: json.dumps({"heartbeat": {"fail": True, "message": "benchmark: host down"}})}}})
+            SIMULATOR_FAULTS_ANNOTATION: json.dumps({"heartbeat": {"fail": True, "message": "host down"}})}}})
         lease = client.CoordinationV1Api(cloud.api).read_namespaced_lease(heartbeat_lease_name(victim),
                                                                           SYSTEM_NAMESPACE)
         # The last renewal may land just after the fault was set; the expiry follows the last one.
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     def since(stamp: float | None) -> str:
         return f"{stamp - expiry:.1f} s" if stamp is not None else "never"
 
-    lines = [f"host {victim} ({count} of {args.guests} HA guests) stops heartbeating (Lease of {args.lease_duration} s, "
-             f"controller --host-alert-after {args.alert_after:g}); from the Lease's expiry: Disconnected after "
+    lines = [f"host {victim} ({count} of {args.guests} HA guests) stops heartbeating (Lease of {args.lease_duration} "
+             f"s, controller --host-alert-after {args.alert_after:g}); from the Lease's expiry: Disconnected after "
              f"{since(states.get('Disconnected'))}, Alert after {since(states.get('Alert'))} "
              f"(expected {args.alert_after:g} s; polled every 0.2 s)"]
     if moved:
@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{latencies[-1]:.1f} s after the expiry (target <= 60 s)")
     else:
         lines.append(f"HA restart is not implemented yet (issue 7): {args.alert_after + args.wait:.0f} s after the "
-                     f"expiry none of the {len(on_victim)} HA guests of {victim} runs elsewhere, so expiry → HA guests "
-                     "Running elsewhere has no figure; the host's Ready message: " + repr(alert_reason))
+                     f"expiry none of the {len(on_victim)} HA guests of {victim} runs elsewhere, so expiry → HA "
+                     "guests Running elsewhere has no figure; the host's Ready message: " + repr(alert_reason))
     record("HA: lease expiry → host Alert → HA guests elsewhere", lines, write=not args.no_write)
     return 0
 

@@ -160,12 +160,19 @@ class Cloud:
                     "  template:\n    name: tiny\n")
         started = time.monotonic()
         self.plane.kubectl("apply", "-f", "-", input=manifest)
-        console = wait(lambda: ((self.get("virtualmachines", name).get("status") or {}).get("node") or {}).get(
-            "consoleLog"), BOOT_TIMEOUT, "the guest's console log")
-        wait(lambda: marker_in(console), BOOT_TIMEOUT, "the boot marker")
-        took = time.monotonic() - started
-        running = wait(lambda: (self.get("virtualmachines", name).get("status") or {}).get("phase") == "Running",
-                       BOOT_TIMEOUT, "phase Running") and time.monotonic() - started
+        seen: dict[str, float] = {}
+
+        def look() -> bool:
+            status = self.get("virtualmachines", name).get("status") or {}
+            if status.get("phase") == "Running":
+                seen.setdefault("running", time.monotonic() - started)
+            console = (status.get("node") or {}).get("consoleLog")
+            if "marker" not in seen and console and marker_in(console):
+                seen["marker"] = time.monotonic() - started
+            return len(seen) == 2
+
+        wait(look, BOOT_TIMEOUT, "phase Running and the boot marker")
+        took, running = seen["marker"], seen["running"]
         self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, "virtualmachines", name)
         wait(lambda: not self.get("virtualmachines", name), 120, "the guest deleted", interval=0.2)
         return took, running
