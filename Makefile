@@ -12,7 +12,7 @@ export UV_PYTHON := $(PYTHON)
 export UV_PYTHON_DOWNLOADS := never
 export CUMULO_CACHE := $(CACHE)
 
-.PHONY: up down test deps system-deps python toolchain crds lint
+.PHONY: up down test deps system-deps python toolchain crds lint bench bench-scale
 
 up: deps
 	$(VENV)/bin/cumulo up
@@ -24,6 +24,19 @@ test: deps lint
 	$(VENV)/bin/pytest
 
 deps: system-deps python toolchain
+
+# Benchmarks (benchmarks/*.py; figures appended to BENCHMARKS.md). The quick set takes a few minutes;
+# bench-scale runs the issue's full size unless SCALE_ARGS says otherwise (e.g. --hosts 200 --vms 2000).
+SCALE_ARGS ?=
+bench: deps
+	$(VENV)/bin/python benchmarks/burst.py
+	$(VENV)/bin/python benchmarks/api_writes.py
+	$(VENV)/bin/python benchmarks/planner_throughput.py
+	$(VENV)/bin/python benchmarks/real_guest.py
+
+bench-scale: deps
+	$(VENV)/bin/python benchmarks/scale.py $(SCALE_ARGS)
+	$(VENV)/bin/python benchmarks/ha.py
 
 system-deps:
 	hack/install-system-deps
