@@ -16,7 +16,11 @@ from pyroute2.netlink.exceptions import NetlinkError
 pytest.register_assert_rewrite("conftest_libvirt")
 from conftest_libvirt import Cloud, audit_writes, unique, wait_for  # noqa: E402
 
+from privateplane import private_plane_fixtures  # noqa: E402
+
 pytest_plugins = ["conftest_libvirt"]
+# The test writes what the controller owns (the Host's status.zone); the session controller would take it back.
+control_plane, kube, system_namespace = private_plane_fixtures()
 
 
 @pytest.fixture
