@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guests", type=int, default=100)
     parser.add_argument("--hosts", type=int, default=10)
     parser.add_argument("--settle", type=float, default=5.0)
+    parser.add_argument("--idle", type=float, default=10.0, help="seconds of the idle window (background writes)")
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--controller-arg", action="append", default=[])
     parser.add_argument("--agent-arg", action="append", default=[])
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(args.settle)  # the start-up writes (host registration, first reports) settle
         with RunningWatch(cloud) as watcher:
             idle_start = time.time()
-            time.sleep(10)
+            time.sleep(args.idle)
             idle_end = time.time()
             before = write_counts(cloud.apiserver_metrics())
             started = time.time()
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"{args.guests} guests started at once on {args.hosts} simulated hosts: {per_vm:.1f} writes per VM start "
              f"(target <= 4; reference KubeVirt ~7.9) — apiserver_request_total write verbs rose by {total:,} over "
              f"{window:.1f} s, minus the {creates} creates of the guests themselves and ~{background_total:.0f} "
-             f"background writes (heartbeats, host reports: {sum(background.values())} in an idle 10 s, scaled)"]
+             f"background writes (heartbeats, host reports: {sum(background.values())} in an idle {args.idle:g} s, "
+             "scaled)"]
     by_resource = collections.Counter()
     for (verb, resource), count in metric_delta.items():
         by_resource[f"{verb} {resource}"] += count

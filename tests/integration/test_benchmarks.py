@@ -1,0 +1,49 @@
+"""The benchmark scripts run (tiny sizes, nothing recorded): they are measurements, so only that they complete and
+print their figures is checked here, never the figures themselves."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.timeout(600)
+
+
+def run(script: str, *args: str, timeout: float = 500) -> str:
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args, "--no-write"], cwd=REPO,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def test_burst_runs() -> None:
+    out = run("burst.py", "--guests", "5", "--hosts", "2")
+    assert "5 guests at once" in out and "5 guests 100 ms apart" in out and "p99" in out
+
+
+def test_api_writes_runs() -> None:
+    out = run("api_writes.py", "--guests", "5", "--hosts", "2", "--idle", "2", "--settle", "2")
+    assert "writes per VM start" in out and "who writes what" in out
+
+
+def test_scale_runs() -> None:
+    out = run("scale.py", "--hosts", "4", "--vms", "8", "--hosts-per-agent", "2")
+    assert "8 guests on 4 simulated hosts (2 agent processes" in out and "kubectl get vm -A" in out
+
+
+def test_ha_runs() -> None:
+    out = run("ha.py", "--hosts", "2", "--guests", "2", "--alert-after", "2", "--wait", "2")
+    assert "Alert after" in out
+
+
+def test_real_guest_runs() -> None:
+    from cumulo.libvirtd import unavailable_reason
+
+    if reason := unavailable_reason():
+        pytest.skip(reason=f"no private libvirtd here: {reason}")
+    out = run("real_guest.py", "--runs", "1")
+    assert "Cumulo's overhead" in out
