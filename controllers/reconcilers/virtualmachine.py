@@ -86,6 +86,8 @@ class VirtualMachineReconciler(InventoryReconciler):
         self._waiting_for_capacity: set[tuple[str, str]] = set()
         self.placements = metrics.PlacementClock()
         self._inventory_cache: tuple[tuple, planner.Inventory] | None = None
+        # Placements decided but maybe not back from the watch yet: key -> (uid, placement, message).
+        self._decided: dict[str, tuple[str, Placement, str]] = {}
 
     def primed(self) -> None:
         """Rebuild the ledger from the placements recorded in the objects."""
@@ -123,6 +125,7 @@ class VirtualMachineReconciler(InventoryReconciler):
 
     def forget(self, key) -> None:
         self.ledger.release(f"{key[1]}/{key[2]}")
+        self._decided.pop(f"{key[1]}/{key[2]}", None)
         self._waiting_for_capacity.discard((key[1], key[2]))
         self.placements.forget(f"{key[1]}/{key[2]}")
 
@@ -319,7 +322,15 @@ class VirtualMachineReconciler(InventoryReconciler):
             checks[SCHEDULED] = None
             checks[NETWORK_READY] = references if references.reason in NIC_REASONS else None
             return references, VmPhase.RUNNING
-        if status.placement is None or status.placement.host is None:
+        decided = self._decided.get(vm_key(vm))
+        if (status.placement is None or status.placement.host is None) and decided is not None and \
+                decided[0] == vm.metadata.uid and (held := self.ledger.reservation(vm_key(vm))) is not None and \
+                held.host == decided[1].host:
+            # Placed a moment ago, and this copy of the guest predates the status saying so (a watch event of
+            # an earlier write): the same placement, not a second one elsewhere.
+            status.placement = decided[1]
+            checks[SCHEDULED] = Check.passed("Scheduled", decided[2])
+        elif status.placement is None or status.placement.host is None:
             decision = self._place(vm, offering, template, zone, root)
             if not decision.ok:
                 self.placements.failed(vm_key(vm), vm.spec.zone, decision.reason)
@@ -334,7 +345,9 @@ class VirtualMachineReconciler(InventoryReconciler):
                                 vm.metadata.namespace)
             self.placements.placed(vm_key(vm), vm.spec.zone)
             checks[SCHEDULED] = Check.passed("Scheduled", decision.message)
+            self._decided[vm_key(vm)] = (vm.metadata.uid, status.placement, decision.message)
         else:
+            self._decided.pop(vm_key(vm), None)  # the status holds it now
             previous = find(vm.status.conditions, SCHEDULED)
             checks[SCHEDULED] = Check.passed("Scheduled", previous.message if previous else
                                              f"placed on host {status.placement.host}")
@@ -580,6 +593,7 @@ class VirtualMachineReconciler(InventoryReconciler):
             await api.set_label(self.kind, vm.metadata.name, vm.metadata.namespace, HOST_LABEL, host)
         if status.placement is None:
             self.ledger.release(vm_key(vm))
+            self._decided.pop(vm_key(vm), None)
         root, _ = self._volumes(vm)
         if vm.spec.state == DesiredState.RUNNING and root is None and self._quota(vm).ok and self.store.get(
                 "volumes", root_volume_name(vm), vm.metadata.namespace) is None:
@@ -643,6 +657,7 @@ class VirtualMachineReconciler(InventoryReconciler):
                 await self.runtime.api.delete(kinds.VOLUMES, root.metadata.name, root.metadata.namespace)
             return False
         self.ledger.release(vm_key(vm))
+        self._decided.pop(vm_key(vm), None)
         for nic in vm.status.nics:
             pool = self.networks.addresses.get(nic.network)
             if pool is not None and pool.address(nic_owner(vm)) == nic.ip_address:
