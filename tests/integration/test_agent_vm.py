@@ -266,7 +266,9 @@ def test_template_vm_volume_lifecycle_and_agent_restart(
     assert Path(f"{copy}.kernel").read_bytes() == guest.kernel.read_bytes()
     assert Path(f"{copy}.initrd").read_bytes() == guest.initrd.read_bytes()
     assert not Path(f"{copy}.partial").exists()
-    assert "cumulo.io/host" not in template["metadata"].get("labels", {})  # unbound once Ready
+    # Unbound once Ready (the label goes in the step after the status write).
+    wait_for(lambda: "cumulo.io/host" not in (objects.get("templates", "tiny")["metadata"].get("labels") or {}),
+             timeout=10, what="the template unbound from its download host")
 
     # -- Two guests: user data from a Secret, and inline with SSH keys (booted in parallel) ------------
     user_data = "#cloud-config\nruncmd:\n  - echo hello from cumulo\n"

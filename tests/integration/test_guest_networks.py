@@ -172,7 +172,7 @@ def test_last_stop_shuts_the_network_down_and_the_next_start_brings_it_back_unch
     shut = wait_for(lambda: (s := nc.status("networks", "net")).get("phase") == "Shutdown" and s, timeout=60,
                     what="network Shutdown")
     assert "broadcastUri" not in shut and "router" not in shut
-    assert nc.get("virtualrouters", "net") == {}
+    wait_for(lambda: nc.get("virtualrouters", "net") == {}, timeout=20, what="the VirtualRouter deleted")
     wait_for(lambda: router_netns not in list_netns(), timeout=30, what="the router's namespace removed")
     wait_for(lambda: (nc.cloud.get("physicalnetworks", nc.pnet).get("status") or {}).get("vnetsAllocated") == 0,
              timeout=20, what="the VNI released")
