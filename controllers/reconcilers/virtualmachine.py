@@ -603,11 +603,11 @@ class VirtualMachineReconciler(InventoryReconciler):
                             {"spec": {"storagePool": status.placement.storage_pool}})
 
     def _root_volume(self, vm: VirtualMachine, placement: Placement | None = None) -> dict:
-        """The root Volume, created as its reconciler would leave it after its first step when the guest is placed:
-        with the finalizer and the host label (two writes fewer per guest). Not with the pool: a reconcile of a
-        stale copy of the guest (its placement not yet back from the watch) may place it again, elsewhere; the
-        pool is patched in from the placement the guest's status ends up with (benchmarks/api_writes.py found a
-        guest whose disk was on the first host and placement on the second)."""
+        """The root Volume, created as its reconciler would leave it after its first steps when the guest is
+        placed: with the finalizer, the planner's pool and the host label (three writes fewer per guest; without
+        the pool, the volume's first reconcile finds no pool for it and says so, in a status write and an Event
+        on the volume and on the guest). The placement does not move after this: a reconcile of a stale copy of
+        the guest keeps the placement just decided (``_decided``)."""
         offering = self.store.get("serviceofferings", vm.spec.service_offering)
         size = vm.spec.root_disk_size_gib or (offering.spec.root_disk_size_gib if offering else None)
         spec: dict[str, t.Any] = {
@@ -621,7 +621,8 @@ class VirtualMachineReconciler(InventoryReconciler):
             "name": root_volume_name(vm), "namespace": vm.metadata.namespace, "finalizers": [FINALIZER],
             "ownerReferences": [{"apiVersion": API_VERSION, "kind": "VirtualMachine", "name": vm.metadata.name,
                                  "uid": vm.metadata.uid, "controller": True, "blockOwnerDeletion": True}]}
-        if placement is not None and placement.host:
+        if placement is not None and placement.host and placement.storage_pool:
+            spec["storagePool"] = placement.storage_pool
             # The disk's host is the guest's: a local pool's own host, or the host that reaches a shared one.
             metadata["labels"] = {HOST_LABEL: placement.host}
         return {"apiVersion": API_VERSION, "kind": "Volume", "metadata": metadata, "spec": spec}
