@@ -32,7 +32,7 @@ control_plane, kube, system_namespace = private_plane_fixtures()
 pytestmark = [pytest.mark.usefixtures("system_namespace"), pytest.mark.timeout(240)]
 
 
-def test_vxlan_guests_across_hosts(kube, control_plane, agents, netlab: NetLab, tmp_path: Path) -> None:
+def test_vxlan_guests_across_hosts(netlab: NetLab, kube, control_plane, agents, tmp_path: Path) -> None:
     started = time.monotonic()
     h1, h2 = netlab.add_host("h1"), netlab.add_host("h2")
     host1, host2 = unique("nh1"), unique("nh2")
@@ -98,7 +98,7 @@ def test_vxlan_guests_across_hosts(kube, control_plane, agents, netlab: NetLab, 
     print(f"VXLAN data plane test took {time.monotonic() - started:.1f}s")
 
 
-def test_security_group_allows_ssh_from_one_cidr(kube, control_plane, agents, netlab: NetLab, tmp_path: Path) -> None:
+def test_security_group_allows_ssh_from_one_cidr(netlab: NetLab, kube, control_plane, agents, tmp_path: Path) -> None:
     started = time.monotonic()
     h1, h2 = netlab.add_host("h1"), netlab.add_host("h2")
     host1 = unique("sg1")

@@ -31,7 +31,7 @@ def guest() -> guestimage.TinyGuest:
     return guestimage.ensure_tiny_guest(log=lambda message: print(f"[tiny guest] {message}"))
 
 
-def test_real_guest_through_the_controller(cloud, kube, control_plane, agents, netlab, libvirtd_factory,
+def test_real_guest_through_the_controller(netlab, cloud, kube, control_plane, agents, libvirtd_factory,
                                            guest: guestimage.TinyGuest, tmp_path: Path) -> None:
     started = time.monotonic()
     nc = NetworkCloud(cloud, kube, control_plane, agents, netlab, tmp_path, hosts=("h2",), storage=tmp_path / "disks",

@@ -21,7 +21,9 @@ pytestmark = [pytest.mark.usefixtures("controller", "system_namespace"), pytest.
 
 
 @pytest.fixture
-def make_cloud(cloud, kube, control_plane, agents, netlab, tmp_path: Path):
+def make_cloud(netlab, cloud, kube, control_plane, agents, tmp_path: Path):
+    # netlab first: set up before the agents, torn down after them (a live agent would rebuild a router the lab's
+    # teardown removed, and leave it behind)
     def make(**kwargs) -> NetworkCloud:
         return NetworkCloud(cloud, kube, control_plane, agents, netlab, tmp_path, **kwargs)
     return make

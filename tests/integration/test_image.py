@@ -75,6 +75,9 @@ class Container:
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
+        # buildah's chroot child can outlive buildah's process group: end whatever still runs with our files.
+        for volume in self.volumes[1::2]:
+            subprocess.run(["pkill", "-KILL", "-f", volume.split(":")[0]], capture_output=True)
         subprocess.run([*BUILDAH, "rm", self.name], capture_output=True)
 
 
