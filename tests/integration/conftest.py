@@ -10,7 +10,8 @@ import pytest
 from kubernetes.client import ApiClient
 
 from cumulo import envtest, toolchain
-from cumuloprocess import free_port  # noqa: F401 (also used by fixtures here)
+from cumuloprocess import CumuloProcess as Process
+from cumuloprocess import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 INTEGRATION_DIR = Path(__file__).resolve().parent
@@ -46,54 +47,6 @@ def kube(control_plane: envtest.ControlPlane) -> Iterator[ApiClient]:
     """An admin kubernetes.client.ApiClient."""
     with control_plane.api_client() as api:
         yield api
-
-
-class Process:
-    """A Cumulo process started for a test, with its log; stopped (and reaped) at teardown."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path):
-        import subprocess
-
-        self.name, self.log_path, self.argv = name, log_path, argv
-        self._log = log_path.open("ab")
-        self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def restart(self, kill: bool = True) -> None:
-        """Stop (SIGKILL by default: a crash) and start the same command again."""
-        import subprocess
-
-        self.stop(kill=kill)
-        self._log = self.log_path.open("ab")
-        self.popen = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_for_log(self, text: str, timeout: float = 30) -> None:
-        import time
-
-        deadline = time.monotonic() + timeout
-        while text not in self.log():
-            if self.popen.poll() is not None:
-                raise AssertionError(f"{self.name} exited with {self.popen.returncode}:\n{self.log()[-4000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name} did not log {text!r} within {timeout}s:\n{self.log()[-4000:]}")
-            time.sleep(0.05)
-
-    def stop(self, kill: bool = False) -> None:
-        import signal
-        import subprocess
-
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        self._log.close()
-
-
 
 
 def ensure_namespace(plane: envtest.ControlPlane, name: str) -> None:

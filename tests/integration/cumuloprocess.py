@@ -21,6 +21,12 @@ class CumuloProcess:
         self._log = log_path.open("ab")
         self.popen = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
+    def restart(self, kill: bool = True) -> None:
+        """Stop (SIGKILL by default: a crash) and start the same command again."""
+        self.stop(kill=kill)
+        self._log = self.log_path.open("ab")
+        self.popen = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 

@@ -34,6 +34,24 @@ def implemented(nc: NetworkCloud, network: str) -> dict:
                     what=f"network {network} Implemented")
 
 
+def published_guest(nc: NetworkCloud) -> tuple[dict, str, str]:
+    """Guest g1 on h2 in an isolated network "net", its HTTP port published by static NAT and a firewall rule:
+    the network's status, the guest's address and the public address (reachable once this returns)."""
+    offering = nc.network_offering("Isolated", ISOLATED_SERVICES)
+    nc.network("net", offering)
+    nc.vm("g1", ["net"], host="h2")
+    nc.running("g1")
+    status = implemented(nc, "net")
+    address = nc.dhcp_address("g1")
+    nc.create("publicipaddresses", "PublicIPAddress", "ip", {"zone": nc.zone, "network": "net",
+                                                              "staticNat": {"virtualMachine": {"name": "g1"}}})
+    nat_ip = wait_for(lambda: nc.status("publicipaddresses", "ip").get("ipAddress"), timeout=20, what="ip")
+    nc.create("firewallrules", "FirewallRule", "http", {"publicIpAddress": "ip", "protocol": "TCP",
+                                                         "ports": {"start": 80, "end": 80}})
+    wait_for(lambda: http(nc.public.netns, nat_ip) == "g1", timeout=30, what="static NAT to g1")
+    return status, address, nat_ip
+
+
 @pytest.mark.parametrize("vswitch, isolation", [("linuxbridge", "VXLAN"), ("openvswitch", "VLAN"),
                                                ("openvswitch", "VXLAN")],
                          ids=["linuxbridge-vxlan", "openvswitch-vlan", "openvswitch-vxlan"])
@@ -193,19 +211,8 @@ def test_last_stop_shuts_the_network_down_and_the_next_start_brings_it_back_unch
 
 def test_killing_the_routers_agent_keeps_leases_and_forwarding(make_cloud) -> None:
     nc = make_cloud()
-    offering = nc.network_offering("Isolated", ISOLATED_SERVICES)
-    nc.network("net", offering)
-    nc.vm("g1", ["net"], host="h2")
-    nc.running("g1")
-    status = implemented(nc, "net")
+    status, address, nat_ip = published_guest(nc)
     router_host = status["router"]["host"]
-    address = nc.dhcp_address("g1")
-    nc.create("publicipaddresses", "PublicIPAddress", "ip", {"zone": nc.zone, "network": "net",
-                                                              "staticNat": {"virtualMachine": {"name": "g1"}}})
-    nat_ip = wait_for(lambda: nc.status("publicipaddresses", "ip").get("ipAddress"), timeout=20, what="ip")
-    nc.create("firewallrules", "FirewallRule", "http", {"publicIpAddress": "ip", "protocol": "TCP",
-                                                         "ports": {"start": 80, "end": 80}})
-    wait_for(lambda: http(nc.public.netns, nat_ip) == "g1", timeout=30, what="static NAT to g1")
     node = nc.status("virtualrouters", "net")["node"]
     pid = node["dnsmasqPid"]
 
@@ -267,20 +274,9 @@ def test_basic_zone_security_group_allows_port_22_from_one_cidr_only(make_cloud)
 
 def test_the_router_moves_when_its_host_fails(make_cloud) -> None:
     nc = make_cloud()
-    offering = nc.network_offering("Isolated", ISOLATED_SERVICES)
-    nc.network("net", offering)
-    nc.vm("g1", ["net"], host="h2")
-    nc.running("g1")
-    status = implemented(nc, "net")
+    status, address, nat_ip = published_guest(nc)
     first = status["router"]["host"]
     assert first == nc.host_names["h1"], "the least loaded host (by name on a tie) should run the router"
-    address = nc.dhcp_address("g1")
-    nc.create("publicipaddresses", "PublicIPAddress", "ip", {"zone": nc.zone, "network": "net",
-                                                              "staticNat": {"virtualMachine": {"name": "g1"}}})
-    nat_ip = wait_for(lambda: nc.status("publicipaddresses", "ip").get("ipAddress"), timeout=20, what="ip")
-    nc.create("firewallrules", "FirewallRule", "http", {"publicIpAddress": "ip", "protocol": "TCP",
-                                                         "ports": {"start": 80, "end": 80}})
-    wait_for(lambda: http(nc.public.netns, nat_ip) == "g1", timeout=30, what="static NAT to g1")
 
     # h1 fails: its agent dies and its links go dark (the router in it is cut off with it).
     nc.agent_processes[first].kill()
