@@ -47,6 +47,7 @@ $(UV):
 
 python: $(UV)
 	$(UV) sync --frozen --all-extras --quiet
+	hack/link-system-python $(VENV)
 
 toolchain: python
 	$(VENV)/bin/cumulo toolchain
