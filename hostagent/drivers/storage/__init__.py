@@ -2,7 +2,8 @@
 
 Implementations: :mod:`.filesystem` (real directories and qcow2 files, through ``qemu-img`` run by the
 agent's :class:`~hostagent.executor.Executor`) and :mod:`.simulator` (configured capacity, in-memory disks,
-fault injection: ``storage``, ``create-volume``, ``resize``, ``download``). RBD comes with a later issue.
+fault injection: ``storage``, ``create-volume``, ``resize``, ``download``) and :mod:`.rbd` (one Ceph pool, through
+librados/librbd; ``path`` is an image name there).
 
 Disk operations take the controller's resolved target (``status.path``, ``status.sizeBytes``,
 ``status.baseImage`` of a Volume) and raise :class:`StorageError` with a message fit for a status field.

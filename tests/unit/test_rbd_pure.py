@@ -1,0 +1,39 @@
+"""Pure parts of the RBD driver: names, QEMU's rbd filename, Ceph's df figures."""
+
+from __future__ import annotations
+
+from hostagent.drivers.storage.rbd import (
+    RbdAccess,
+    ceph_conf_text,
+    keyring_text,
+    pool_usage,
+    qemu_uri,
+    rados_conf,
+    split_snapshot,
+)
+
+ACCESS = RbdAccess(monitors=("10.0.0.1:6789", "10.0.0.2:6789"), pool="cloud", user="cumulo", key="AQAsecret==")
+
+
+def test_split_snapshot_defaults_to_the_template_snapshot() -> None:
+    assert split_snapshot("template-abc@base") == ("template-abc", "base")
+    assert split_snapshot("template-abc") == ("template-abc", "base")
+    assert split_snapshot("img@snap-1") == ("img", "snap-1")
+
+
+def test_qemu_uri_escapes_and_keeps_the_key_off_the_command_line() -> None:
+    uri = qemu_uri(ACCESS, "volume-1", "/run/x:y/ceph.conf")
+    assert uri == r"rbd:cloud/volume-1:id=cumulo:conf=/run/x\:y/ceph.conf"
+    assert "AQAsecret" not in uri
+    assert "mon host = 10.0.0.1:6789,10.0.0.2:6789" in ceph_conf_text(ACCESS, "/k")
+    assert keyring_text(ACCESS) == "[client.cumulo]\n\tkey = AQAsecret==\n"
+    assert rados_conf(ACCESS)["mon_host"] == "10.0.0.1:6789,10.0.0.2:6789"
+    assert "AQAsecret" not in repr(ACCESS)
+
+
+def test_pool_usage_is_what_the_pool_holds_plus_what_it_can_still_take() -> None:
+    df = {"pools": [{"name": "other", "stats": {"bytes_used": 5, "max_avail": 10}},
+                    {"name": "cloud", "stats": {"stored": 90, "bytes_used": 100, "max_avail": 900}}]}
+    assert pool_usage(df, "cloud") == (1000, 100)
+    assert pool_usage(df, "missing") is None
+    assert pool_usage({}, "cloud") is None
