@@ -49,14 +49,21 @@ class HostMonitor:
     def __init__(self, alert_after_seconds: float = 300.0):
         self.alert_after = alert_after_seconds
         self._seen: dict[str, Observation] = {}
+        self._first: dict[str, str | None] = {}
 
     def observe(self, host: str, lease: Lease, now: float) -> None:
+        self._first.setdefault(host, lease.renew_time)
         seen = self._seen.get(host)
         if seen is None or seen.renew_time != lease.renew_time:
             self._seen[host] = Observation(lease.renew_time, now)
 
     def forget(self, host: str) -> None:
         self._seen.pop(host, None)
+        self._first.pop(host, None)
+
+    def first_renew_time(self, host: str) -> str | None:
+        """The renewTime of the host's Lease when this process first saw it."""
+        return self._first.get(host)
 
     def last_seen(self, host: str) -> Observation | None:
         return self._seen.get(host)

@@ -52,6 +52,7 @@ def register(registry: kopf.OperatorRegistry, options: argparse.Namespace,
         runtime = Runtime(KubeApi(load_client(options.kubeconfig, pool_size=options.workers + 8),
                                   threads=options.workers + 4), kinds.ALL, reconcilers.ALL, workers=options.workers)
         runtime.reconcilers["hosts"].alert_after_seconds = options.host_alert_after
+        runtime.reconcilers["hosts"].down_after_seconds = options.host_down_after
         metrics.watch_runtime(runtime)
         await webhook.setup(settings, options, runtime.api.client)
         if not options.leader_elect:
@@ -130,6 +131,10 @@ def parse_args(argv: t.Sequence[str] | None) -> argparse.Namespace:
                         help="concurrent reconciles (they mostly wait for the apiserver; see benchmarks/burst.py)")
     parser.add_argument("--host-alert-after", type=float, default=300.0,
                         help="seconds a Disconnected host waits before it goes to Alert")
+    parser.add_argument("--host-down-after", type=float, default=90.0,
+                        help="seconds a host's Lease and storage heartbeat must both be silent before it is Down "
+                        "(fenced) and its HA guests restart elsewhere; keep it above the agents' --fence-after plus "
+                        "their heartbeat and check intervals")
     parser.add_argument("--log-level", default="INFO")
     webhook.add_arguments(parser)
     election = parser.add_argument_group("leader election (one active replica; see controllers/leader.py)")

@@ -120,6 +120,8 @@ PLACEMENT_DURATION = histogram(
 PLACEMENT_FAILURES = counter(
     "placement_failures_total", "Planner decisions that found no host (a waiting guest is retried whenever capacity "
     "changes, and counted each time), by zone and reason.", ["zone", "reason"])
+HA_RESTARTS = counter(
+    "ha_restarts_total", "HA guests placed again on another host because theirs was found Down (fenced).")
 HOST_TRANSITIONS = counter(
     "host_state_transitions_total", "Host connection state changes recorded by the host monitor (Connecting, Up, "
     "Disconnected, Alert, Down).", ["from_state", "to_state"])

@@ -23,7 +23,15 @@ import time
 import typing as t
 
 from controllers.api.v1alpha1.common import API_VERSION, GROUP, VERSION
-from controllers.api.v1alpha1.host import NODE_CLUSTER_LABEL, SIMULATOR_FAULTS_ANNOTATION, NodeInfo, StorageReport
+from controllers.api.v1alpha1.host import (
+    NODE_CLUSTER_LABEL,
+    SIMULATOR_FAULTS_ANNOTATION,
+    HeartbeatPool,
+    NodeInfo,
+    PeerHeartbeat,
+    StorageReport,
+)
+from controllers.api.v1alpha1.storagepool import PoolScope, PoolType
 
 from . import inventory, metrics
 from .config import AgentConfig
@@ -32,6 +40,7 @@ from .drivers.network import NetworkDriver, NetworkError
 from .drivers.storage import StorageDriver
 from .faults import FaultConfigError, FaultInjector, parse_faults
 from .heartbeat import Heartbeat
+from .storageheartbeat import FileHeartbeatStore, HeartbeatStore, MemoryHeartbeatStore, StorageHeartbeat
 from .kube import MERGE_PATCH, AsyncKube, Informer, KubeError, resource_path
 from .routers import RouterReconciler
 from .templates import TemplateReconciler
@@ -79,6 +88,9 @@ class HostWorker:
         config = agent.config
         self.heartbeat = Heartbeat(agent.api, name, interval=config.heartbeat_interval,
                                    duration=config.lease_duration, faults=faults)
+        store: HeartbeatStore = MemoryHeartbeatStore(faults) if faults is not None else FileHeartbeatStore()
+        self.storage_heartbeat = StorageHeartbeat(self, store, interval=config.storage_heartbeat_interval,
+                                                  fence_after=config.fence_after)
         self.host: dict[str, t.Any] | None = None
         self.reported: dict[str, t.Any] | None = None  # status.node as the apiserver has it
         self.facts: HostFacts | None = None
@@ -99,6 +111,7 @@ class HostWorker:
     def observe(self, host: dict[str, t.Any] | None) -> None:
         """The Host object changed (None: deleted)."""
         self.host = host
+        self.storage_heartbeat.observe(host)
         if host is None:
             self._present.clear()
         else:
@@ -140,7 +153,7 @@ class HostWorker:
     # -- loops -----------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        await asyncio.gather(self.heartbeat.run(self._present), self._report_loop())
+        await asyncio.gather(self.heartbeat.run(self._present), self._report_loop(), self.storage_heartbeat.run())
 
     async def _report_loop(self) -> None:
         interval = self.agent.config.check_interval
@@ -213,6 +226,7 @@ class HostWorker:
         placement = inventory.Placement.of(self.host)
         agent = self.agent
         pools = inventory.pools_for_host(placement, agent.pools.cache.values())
+        self.storage_heartbeat.pools = self._heartbeat_pools({target.name for target in pools})
         stores = inventory.stores_for_host(placement, agent.stores.cache.values())
         labels = inventory.bridge_labels_for_host(placement, agent.networks.cache.values())
         (healthy, message), pool_reports, store_reports, bridges = await asyncio.gather(
@@ -248,9 +262,22 @@ class HostWorker:
             storage_pools={target.name: report for target, report in zip(pools, pool_reports)},
             image_stores={target.name: report for target, report in zip(stores, store_reports)},
             bridges=dict(zip(labels, bridges)),
+            investigations={suspect: {pool: PeerHeartbeat.model_validate(reading) for pool, reading in answer.items()}
+                            for suspect, answer in self.storage_heartbeat.answers.items()},
             reported_at=datetime.datetime.now(datetime.timezone.utc),
         )
         return node.model_dump(by_alias=True, mode="json")
+
+    def _heartbeat_pools(self, names: set[str]) -> list[HeartbeatPool]:
+        """The shared pools (SharedMountPoint; RBD once its driver lands) among the host's pools."""
+        found = []
+        for pool in self.agent.pools.cache.values():
+            spec = pool.get("spec") or {}
+            name = pool["metadata"]["name"]
+            if name in names and spec.get("type") == PoolType.SHARED_MOUNT_POINT and \
+                    spec.get("scope") != PoolScope.HOST and spec.get("path"):
+                found.append(HeartbeatPool(name=name, type=spec["type"], path=spec["path"]))
+        return sorted(found, key=lambda pool: pool.name)
 
     async def _report(self) -> None:
         node = await self.gather()

@@ -89,6 +89,8 @@ class AgentConfig:
     heartbeat_interval: float = 10.0
     lease_duration: int = 40
     check_interval: float = 10.0
+    storage_heartbeat_interval: float = 10.0
+    fence_after: float = 60.0
     report_refresh: float = 60.0
     call_timeout: float = 30.0
     kubeconfig: str | None = None
@@ -128,6 +130,8 @@ class AgentConfig:
     def validate(self) -> None:
         if self.heartbeat_interval <= 0 or self.check_interval <= 0:
             raise ConfigError("--heartbeat-interval and --check-interval must be positive")
+        if self.storage_heartbeat_interval <= 0 or self.fence_after <= self.storage_heartbeat_interval:
+            raise ConfigError("--storage-heartbeat-interval must be positive and --fence-after longer than it")
         if self.lease_duration < 2 * self.heartbeat_interval:
             raise ConfigError(f"--lease-duration ({self.lease_duration}s) must be at least twice "
                               f"--heartbeat-interval ({self.heartbeat_interval:g}s), or one slow renewal "

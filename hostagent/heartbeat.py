@@ -47,6 +47,8 @@ class Heartbeat:
         self.labels = {HEARTBEAT_LABEL: host, HOST_LABEL: host}
         self._labels_checked = False
         self._state = "starting"
+        self.last_ok = time.monotonic()
+        """When the Lease was last renewed (monotonic; the start counts, so a new agent is not fenced at once)."""
 
     def _transition(self, state: str, level: int, message: str, **fields: t.Any) -> None:
         """Log a state change once, not on every failed renewal."""
@@ -108,6 +110,7 @@ class Heartbeat:
         return True
 
     def _renewed(self) -> None:
+        self.last_ok = time.monotonic()
         self._transition("ok", logging.DEBUG if self._state == "starting" else logging.INFO,
                          "heartbeat renewing" if self._state == "starting" else "heartbeat renewing again")
 

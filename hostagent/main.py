@@ -59,6 +59,12 @@ def parser() -> argparse.ArgumentParser:
                         "cumulo.io/cluster label)")
     p.add_argument("--heartbeat-interval", type=float, default=10.0, help="seconds between Lease renewals")
     p.add_argument("--lease-duration", type=int, default=40, help="leaseDurationSeconds of the heartbeat Lease")
+    p.add_argument("--storage-heartbeat-interval", type=float,
+                   help="seconds between storage heartbeat writes (and investigation reads); default: the heartbeat "
+                   "interval")
+    p.add_argument("--fence-after", type=float, default=60.0,
+                   help="destroy the HA guests' domains when neither the Lease nor the storage heartbeat could be "
+                   "written for this long; keep it below the controller's --host-down-after minus the intervals")
     p.add_argument("--check-interval", type=float,
                    help="seconds between host checks (facts, storage, bridges); default: the heartbeat interval")
     p.add_argument("--report-refresh", type=float, default=60.0,
@@ -123,6 +129,8 @@ def build_config(options: argparse.Namespace, environ: t.Mapping[str, str]) -> A
         heartbeat_interval=options.heartbeat_interval,
         lease_duration=options.lease_duration,
         check_interval=options.check_interval or options.heartbeat_interval,
+        storage_heartbeat_interval=options.storage_heartbeat_interval or options.heartbeat_interval,
+        fence_after=options.fence_after,
         report_refresh=options.report_refresh,
         call_timeout=options.call_timeout,
         kubeconfig=options.kubeconfig,

@@ -83,6 +83,7 @@ RESTART_WINDOW = 30.0
 RESTART_MAX_DELAY = 300.0
 DETACH_RETRY_SECONDS = 5.0
 STOPPING_POLL = 1.0
+FENCED_RETRY = 2.0
 
 
 class StartRefused(Exception):
@@ -243,6 +244,16 @@ class VmReconciler(ObjectReconciler):
         domain: Domain | None
         try:
             domain = await hypervisor.domain(uid)
+            if vmspec.wants_running(launch) and (domain is None or not domain.active):
+                held = await self._fencing_holds(key, uid, launch, worker)
+                if held is not None:
+                    if not held:
+                        return None  # placed elsewhere now: not ours to start nor to report on
+                    await self.report(key, vm, vmspec.domain_report(
+                        launch.host, None, console_log=None,
+                        message="the host fenced itself (neither its Lease nor its storage heartbeat could be "
+                        "written): HA guests are not started until its Lease renews"))
+                    return FENCED_RETRY
             if vmspec.wants_running(launch):
                 self._stopping.pop(key, None)
                 self._released.discard(uid)
@@ -271,6 +282,53 @@ class VmReconciler(ObjectReconciler):
             console = None  # never started on this host yet
         await self.report(key, vm, vmspec.domain_report(launch.host, domain, console_log=console, message=message))
         return delay
+
+    # -- fencing (hostagent.storageheartbeat) -----------------------------------------------------
+
+    @staticmethod
+    def _fenceable(launch: LaunchSpec) -> bool:
+        """An HA guest on shared storage: the controller restarts it elsewhere once its host is Down."""
+        return launch.ha_enabled and all(disk.pool_type != "Filesystem" for disk in launch.disks)
+
+    async def _fencing_holds(self, key: str, uid: str, launch: LaunchSpec, worker: HostWorker) -> bool | None:
+        """Before starting a domain on a host that fenced itself: True while still fenced (an HA guest waits);
+        False when a direct GET shows the guest placed elsewhere (restarted there meanwhile); None: go ahead."""
+        fencing = getattr(worker, "storage_heartbeat", None)  # None: a worker without one (unit tests' fakes)
+        if fencing is None:
+            return None
+        if fencing.fenced and self._fenceable(launch):
+            return True
+        if not fencing.confirm_starts:
+            return None
+        try:
+            live = await self.get_live(key)
+        except KubeError:
+            return True  # cannot confirm: wait, never start a guest that may run elsewhere
+        if live is None or str(live["metadata"].get("uid")) != uid or vmspec.placed_host(live) != launch.host:
+            log.warning("not starting a guest placed elsewhere since this host fenced itself", extra={
+                "object": key, "host": launch.host, "placed": vmspec.placed_host(live)})
+            return False
+        return None
+
+    async def fence(self, worker: HostWorker) -> None:
+        """Destroy the domains of the host's HA guests on shared storage (the host fenced itself): the controller
+        may restart them elsewhere, and they must not run twice. Disks are untouched."""
+        for vm in list(self.informer.cache.values()):
+            try:
+                launch = vmspec.launch_of(vm)
+            except pydantic.ValidationError:
+                continue
+            if launch is None or launch.host != worker.name or not self._fenceable(launch):
+                continue
+            uid = str(vm["metadata"]["uid"])
+            try:
+                if await worker.hypervisor.domain(uid) is not None:
+                    await worker.hypervisor.destroy(uid)
+                    log.error("fenced: HA guest's domain destroyed", extra={
+                        "object": f"{vm['metadata'].get('namespace')}/{vm['metadata']['name']}", "uuid": uid,
+                        "host": worker.name})
+            except HypervisorError as error:
+                log.error("fencing: cannot destroy a domain", extra={"uuid": uid, "error": str(error)})
 
     async def _run(self, key: str, vm: dict[str, t.Any], launch: LaunchSpec, worker: HostWorker,
                    domain: Domain | None) -> tuple[Domain | None, float | None, str]:

@@ -14,7 +14,7 @@ import dataclasses
 import datetime
 import typing as t
 
-from controllers import inventory, ipam, kinds, metrics, planner
+from controllers import hainvestigation, inventory, ipam, kinds, metrics, planner
 from controllers.api.v1alpha1 import VirtualMachine
 from controllers.api.v1alpha1.common import API_VERSION, FINALIZER, AllocationState
 from controllers.api.v1alpha1.host import HOST_LABEL, HostState
@@ -80,6 +80,8 @@ class VirtualMachineReconciler(InventoryReconciler):
         self.index("volumes", "vm", lambda v: [f"{v.metadata.namespace}/{v.spec.virtual_machine.name}"]
                    if v.spec.virtual_machine else [])
         self.index("hosts", ".status.zone", lambda host: [host.status.zone] if host.status.zone else [])
+        self.index("virtualmachines", "ha-host", lambda vm: [vm.status.placement.host]
+                   if vm.status.placement and vm.status.placement.host else [])
         self.index("virtualmachines", "nic-network", nic_networks)
         self.index("virtualmachines", "security-group", lambda vm: [network_key(vm.metadata.namespace, g)
                                                                      for g in vm.spec.security_groups])
@@ -109,7 +111,8 @@ class VirtualMachineReconciler(InventoryReconciler):
             if v.spec.virtual_machine else [],
             "serviceofferings": lambda o: vms(".spec.serviceOffering", o.metadata.name),
             "templates": lambda tmpl: vms("template", f"{tmpl.metadata.namespace}/{tmpl.metadata.name}"),
-            "hosts": unscheduled,
+            "hosts": lambda host: [*unscheduled(host), *(
+                vms("ha-host", host.metadata.name) if host.status.state == HostState.DOWN else [])],
             "storagepools": unscheduled,
             # Only guests still waiting for the network: a running guest's NICs do not follow the network's
             # counters, and a burst of allocations would otherwise requeue every guest on it each time.
@@ -276,7 +279,7 @@ class VirtualMachineReconciler(InventoryReconciler):
         nics = self._allocate_nics(vm, status) if not ctx.deleting and quota_ok.ok else Check.passed()
 
         if wanted == DesiredState.STOPPED or (not first_failure(references, nics).ok and not running):
-            if status.launch is not None and not domain_stopped(vm):
+            if status.launch is not None and not domain_stopped(vm) and not self._fenced(vm):
                 status.launch = status.launch.model_copy(update={"power_state": DesiredState.STOPPED})
                 phase = VmPhase.STOPPING
             else:
@@ -317,11 +320,41 @@ class VirtualMachineReconciler(InventoryReconciler):
             return Check.failed("AffinityGroupNotFound", f"AffinityGroup {missing[0]} does not exist")
         return Check.passed()
 
+    def _fenced(self, vm: VirtualMachine) -> bool:
+        """Placed on a host found Down: fencing stopped the domain, whatever the last report says."""
+        placement = vm.status.placement
+        host = self.store.get("hosts", placement.host) if placement and placement.host else None
+        return host is not None and host.status.state == HostState.DOWN
+
+    def _ha_enabled(self, vm: VirtualMachine, offering) -> bool:
+        return vm.spec.ha_enabled if vm.spec.ha_enabled is not None else bool(offering and offering.spec.offer_ha)
+
+    def _on_down_host(self, vm, status, offering, checks) -> tuple[Check, VmPhase] | None:
+        """A guest on a Down host: an HA guest on shared storage loses the placement here (placed again just
+        after, in the same status write: one recorded placement change, so a controller restart cannot start it
+        twice); the others stay, stopped, with the reason."""
+        placement = status.placement
+        if placement is None or not placement.host or not self._fenced(vm):
+            return None
+        pool = self.store.get("storagepools", placement.storage_pool) if placement.storage_pool else None
+        local = pool is not None and pool.spec.scope == PoolScope.HOST
+        action, check = hainvestigation.on_down_host(placement.host, self._ha_enabled(vm, offering),
+                                                     placement.storage_pool, local)
+        if action == hainvestigation.DownAction.KEEP:
+            checks[SCHEDULED] = Check.passed("Scheduled", f"placed on host {placement.host}")
+            return check, VmPhase.STOPPED
+        status.placement, status.launch = None, None
+        return None
+
     def _derive_running(self, vm, status, offering, template, zone, root, data, checks, references):
         if not references.ok:  # the domain runs, but something it references went away
             checks[SCHEDULED] = None
             checks[NETWORK_READY] = references if references.reason in NIC_REASONS else None
             return references, VmPhase.RUNNING
+        down_host = status.placement.host if status.placement and self._fenced(vm) else None
+        kept = self._on_down_host(vm, status, offering, checks)
+        if kept is not None:
+            return kept
         decided = self._decided.get(vm_key(vm))
         if (status.placement is None or status.placement.host is None) and decided is not None and \
                 decided[0] == vm.metadata.uid and (held := self.ledger.reservation(vm_key(vm))) is not None and \
@@ -344,8 +377,12 @@ class VirtualMachineReconciler(InventoryReconciler):
             self.ledger.reserve(vm_key(vm), decision.host, offering.spec.cpu_number, offering.spec.memory_mib,
                                 vm.metadata.namespace)
             self.placements.placed(vm_key(vm), vm.spec.zone)
-            checks[SCHEDULED] = Check.passed("Scheduled", decision.message)
-            self._decided[vm_key(vm)] = (vm.metadata.uid, status.placement, decision.message)
+            message = decision.message
+            if down_host is not None:
+                message = f"HA restart: host {down_host} is Down; {message}"
+                metrics.HA_RESTARTS.inc()
+            checks[SCHEDULED] = Check.passed("Scheduled", message)
+            self._decided[vm_key(vm)] = (vm.metadata.uid, status.placement, message)
         else:
             self._decided.pop(vm_key(vm), None)  # the status holds it now
             previous = find(vm.status.conditions, SCHEDULED)
@@ -578,6 +615,7 @@ class VirtualMachineReconciler(InventoryReconciler):
                 namespace=vm.metadata.namespace, name=vm.spec.user_data_secret_ref.name, key=USER_DATA_KEY)
             if vm.spec.user_data_secret_ref else None,
             ssh_public_keys=list(vm.spec.ssh_public_keys), hostname=vm.spec.hostname or vm.metadata.name,
+            ha_enabled=self._ha_enabled(vm, offering),
         )
 
     # -- actions ------------------------------------------------------------------------------
@@ -589,7 +627,7 @@ class VirtualMachineReconciler(InventoryReconciler):
     async def act(self, vm: VirtualMachine, status: VirtualMachineStatus) -> None:
         api = self.runtime.api
         host = status.placement.host if status.placement else None
-        if vm.metadata.labels.get(HOST_LABEL) != host and (host or domain_stopped(vm)):
+        if vm.metadata.labels.get(HOST_LABEL) != host and (host or domain_stopped(vm) or self._fenced(vm)):
             await api.set_label(self.kind, vm.metadata.name, vm.metadata.namespace, HOST_LABEL, host)
         if status.placement is None:
             self.ledger.release(vm_key(vm))
@@ -650,7 +688,7 @@ class VirtualMachineReconciler(InventoryReconciler):
 
     async def finalize(self, vm: VirtualMachine) -> bool:
         """Expunge: the domain is stopped (derive asks the agent), the root disk deleted, capacity released."""
-        if not domain_stopped(vm):
+        if not domain_stopped(vm) and not self._fenced(vm):
             return False
         root, _ = self._volumes(vm)
         if root is not None:

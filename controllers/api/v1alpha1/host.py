@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import typing as t
 
 from pydantic import Field
@@ -87,6 +88,43 @@ def heartbeat_lease_name(host: str) -> str:
 SIMULATOR_FAULTS_ANNOTATION = "cumulo.io/simulator-faults"
 """Host annotation with the simulator's fault injection, JSON: {operation: Fault}."""
 
+INVESTIGATE_PREFIX = "investigate.cumulo.io/"
+"""Annotations the controller puts on a neighbour Host to ask its agent to read a suspect host's storage
+heartbeat (one per suspect, so investigations of two hosts never write the same key). The value is JSON
+(:class:`InvestigationRequest`); the agent answers in ``status.node.investigations``."""
+
+
+def investigate_annotation(suspect: str) -> str:
+    """The annotation key asking about ``suspect`` (a name part is at most 63 characters)."""
+    if len(suspect) <= 63:
+        return INVESTIGATE_PREFIX + suspect
+    return INVESTIGATE_PREFIX + "h-" + hashlib.sha256(suspect.encode()).hexdigest()[:32]
+
+
+class HeartbeatPool(Model):
+    """A shared primary pool holding storage heartbeats, as an investigating agent reads it."""
+
+    name: str = Field(description="StoragePool name.")
+    type: str = Field(description="SharedMountPoint or RBD.")
+    path: str = Field(description="Mount point (SharedMountPoint) or Ceph pool (RBD).")
+
+
+class InvestigationRequest(Model):
+    """What the controller asks a neighbour's agent about a host whose Lease expired."""
+
+    host: str = Field(description="The suspect host.")
+    stale_after_seconds: float = Field(description="A heartbeat older than this counts as stale.")
+    pools: list[HeartbeatPool] = Field(default_factory=list, description="Pools to read its heartbeat on.")
+
+
+class PeerHeartbeat(Model):
+    """A suspect host's storage heartbeat on one pool, as a neighbour's agent read it."""
+
+    readable: bool = Field(description="The neighbour could read the pool.")
+    fresh: bool | None = Field(None, description="Written within staleAfterSeconds; unknown when unreadable.")
+    last_write: datetime.datetime | None = Field(None, description="When the suspect last wrote it (its clock).")
+    message: str = Field("", description="Why unreadable, or what was found.")
+
 
 class StorageReport(Model):
     """What the agent sees of one primary pool or image store from its host."""
@@ -125,6 +163,11 @@ class NodeInfo(Model):
     )
     bridges: dict[str, bool] = Field(
         default_factory=dict, description="Traffic-label bridges of the zone's physical networks: present or not."
+    )
+    investigations: dict[str, t.Annotated[dict[str, PeerHeartbeat], Field(
+        description="The suspect's storage heartbeat, by pool name.")]] = Field(
+        default_factory=dict, description="Storage heartbeats of suspect hosts the controller asked this host to "
+        "read, by host and pool name."
     )
     reported_at: datetime.datetime | None = Field(None, description="When the agent last reported these facts.")
 

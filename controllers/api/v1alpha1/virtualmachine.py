@@ -223,6 +223,8 @@ class LaunchSpec(Model):
         "content; the agent of the guest's host reads it when it writes the config drive.")
     ssh_public_keys: list[str] = Field(default_factory=list, description="SSH keys for the config drive's meta-data.")
     hostname: str = Field("", description="Guest host name for the config drive.")
+    ha_enabled: bool = Field(False, description="An HA guest: the agent destroys its domain when the host fences "
+                             "itself (it can renew neither its Lease nor its storage heartbeat).")
 
 
 class DomainInfo(Model):
