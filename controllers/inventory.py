@@ -24,6 +24,7 @@ from controllers.api.v1alpha1.virtualmachine import VirtualMachine
 from controllers.api.v1alpha1.volume import Volume
 from controllers.api.v1alpha1.zone import Zone, ZoneStatus
 from controllers.conditions import DELETION_BLOCKED, READY, Check, first_failure, merge
+from controllers.migration import Evacuation, maintenance_state
 
 GIB = 1024**3
 ENABLED = AllocationState.ENABLED
@@ -198,15 +199,31 @@ def host_capacity(host: Host, cluster: Cluster | None, guests: list[Guest],
     )
 
 
-def resource_state(host: Host, guests: int) -> ResourceState:
-    """Maintenance is reached once the host runs no guests (evacuation moves them in a later step)."""
-    if host.spec.maintenance:
-        return ResourceState.MAINTENANCE if guests == 0 else ResourceState.PREPARE_FOR_MAINTENANCE
+def resource_state(host: Host, guests: int, evacuating: Evacuation | None = None) -> ResourceState:
+    """Maintenance is reached once the host runs no guests; live migrations move them away meanwhile
+    (controllers.migration), and a guest that cannot move makes it ErrorInMaintenance."""
+    state = maintenance_state(host.spec.maintenance, guests, evacuating)
+    if state is not None:
+        return state
     return ResourceState.ENABLED if host.spec.allocation_state == ENABLED else ResourceState.DISABLED
 
 
+def maintenance_check(state: ResourceState, evacuating: Evacuation | None) -> Check | None:
+    """The Maintenance condition: how evacuation stands, naming the guests that cannot move and why."""
+    if state == ResourceState.MAINTENANCE:
+        return Check.passed("InMaintenance", "no guests left on the host")
+    if state not in (ResourceState.PREPARE_FOR_MAINTENANCE, ResourceState.ERROR_IN_MAINTENANCE):
+        return None
+    if evacuating is not None and evacuating.unmovable:
+        shown = "; ".join(f"{name}: {why}" for name, why in evacuating.unmovable[:10])
+        return Check.failed("CannotEvacuate", f"{len(evacuating.unmovable)} guest(s) cannot be live-migrated away: "
+                                              f"{shown}")
+    moving = evacuating.moving + len(evacuating.to_migrate) if evacuating else 0
+    return Check.failed("Evacuating", f"live-migrating {moving} guest(s) away")
+
+
 def host_status(host: Host, cluster: Cluster | None, connection: tuple[HostState, Check], guests: list[Guest],
-                local_pools: list[StoragePool], ctx: Context) -> HostStatus:
+                local_pools: list[StoragePool], ctx: Context, evacuating: Evacuation | None = None) -> HostStatus:
     state, heartbeat = connection
     parent = parent_check("Cluster", host.spec.cluster, cluster,
                           cluster.status.effective_allocation_state if cluster else None)
@@ -217,8 +234,9 @@ def host_status(host: Host, cluster: Cluster | None, connection: tuple[HostState
         hypervisor = Check.passed("Healthy")
     else:
         hypervisor = Check.failed("HypervisorError", node.message or "the hypervisor reported an error")
-    resources = resource_state(host, len(guests))
-    if resources in (ResourceState.MAINTENANCE, ResourceState.PREPARE_FOR_MAINTENANCE):
+    resources = resource_state(host, len(guests), evacuating)
+    if resources in (ResourceState.MAINTENANCE, ResourceState.PREPARE_FOR_MAINTENANCE,
+                     ResourceState.ERROR_IN_MAINTENANCE):
         own = Check.failed("InMaintenance" if resources == ResourceState.MAINTENANCE else "PreparingForMaintenance",
                            f"the host is in {resources.value}: no new placements")
     else:
@@ -228,7 +246,8 @@ def host_status(host: Host, cluster: Cluster | None, connection: tuple[HostState
         observed_generation=host.metadata.generation,
         phase=state.value if not ctx.deleting else "Deleting",
         conditions=conditions(host.status.conditions, host.metadata.generation, ctx, ready,
-                              Heartbeat=heartbeat, HypervisorHealthy=hypervisor),
+                              Heartbeat=heartbeat, HypervisorHealthy=hypervisor,
+                              Maintenance=maintenance_check(resources, evacuating)),
         state=state,
         resource_state=resources,
         effective_allocation_state=effective_allocation(host.spec.allocation_state, parent, own),

@@ -74,6 +74,7 @@ class Request:
     pod: str | None = None
     cluster: str | None = None
     host: str | None = None  # admin pins
+    avoid: frozenset[str] = frozenset()  # hosts that must not be chosen (a migration's source)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,7 +268,9 @@ def plan(request: Request, inventory: Inventory, ledger: Ledger,
         if host.name in seen:
             continue
         seen.add(host.name)
-        if why := _pinned(request, host):
+        if host.name in request.avoid:
+            drop(host, "source", "is the guest's current host")
+        elif why := _pinned(request, host):
             drop(host, "pinned", why)
         elif host.unusable:
             drop(host, "unusable", f"is {host.unusable}")
@@ -307,6 +310,7 @@ def plan(request: Request, inventory: Inventory, ledger: Ledger,
 
 
 CATEGORY_TEXT = {
+    "source": "the guest's current host",
     "pinned": "outside the admin's pin",
     "unusable": "not usable",
     "hypervisor": "of another hypervisor",
@@ -323,9 +327,9 @@ def _refusal(request: Request, considered: int, eliminated: collections.Counter[
              examples: dict[str, str]) -> Decision:
     if considered == 0:
         return Decision(None, None, "NoHostInZone", f"zone {request.zone} has no hosts")
-    if set(eliminated) <= {"cpu", "memory", "storage-capacity"}:
+    if set(eliminated) - {"source"} <= {"cpu", "memory", "storage-capacity"} and set(eliminated) != {"source"}:
         reason = "InsufficientCapacity"
-    elif request.host and eliminated.get("pinned", 0) == considered:
+    elif request.host and eliminated.get("pinned", 0) + eliminated.get("source", 0) == considered:
         reason = "PinnedHostNotFound"
     else:
         reason = "NoMatchingHost"

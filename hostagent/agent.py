@@ -41,6 +41,7 @@ from .drivers.storage import StorageDriver
 from .faults import FaultConfigError, FaultInjector, parse_faults
 from .heartbeat import Heartbeat
 from .storageheartbeat import FileHeartbeatStore, HeartbeatStore, MemoryHeartbeatStore, StorageHeartbeat
+from .migrations import MigrationReconciler
 from .kube import MERGE_PATCH, AsyncKube, Informer, KubeError, resource_path
 from .routers import RouterReconciler
 from .templates import TemplateReconciler
@@ -341,7 +342,8 @@ class Agent:
         self.vms = VmReconciler(self, stop_timeout=config.stop_timeout, sweep_seconds=config.orphan_sweep,
                                 resync_seconds=config.vm_resync, concurrency=config.process_vm_concurrency)
         self.routers = RouterReconciler(self, sweep_seconds=config.orphan_sweep, resync_seconds=config.resync)
-        self.reconcilers = [self.templates, self.volumes, self.vms, self.routers]
+        self.migrations = MigrationReconciler(self, resync_seconds=config.resync)
+        self.reconcilers = [self.templates, self.volumes, self.vms, self.routers, self.migrations]
         # Not part of the initial sync: heartbeats and host reports do not wait for them, and each reconciler
         # waits for its own informer where it must (the orphan sweep).
         self.object_informers = [reconciler.informer for reconciler in self.reconcilers]

@@ -178,7 +178,8 @@ def build_workers(agent: Agent) -> list[HostWorker]:
             faults = FaultInjector(config.faults)
             hypervisor = SimulatorDriver(config.simulated, faults, version=agent.version,
                                          call_timeout=config.call_timeout, start_seconds=config.sim_start_seconds,
-                                         stop_seconds=config.sim_stop_seconds, disk_sizes=disk_sizes)
+                                         stop_seconds=config.sim_stop_seconds, disk_sizes=disk_sizes,
+                                         host=name)
         elif config.hypervisor == "netns":
             from .drivers.hypervisor.netns import NetnsDriver
             hypervisor = NetnsDriver(network, config.state_dir, host_netns=config.host_netns,

@@ -244,7 +244,8 @@ class VmReconciler(ObjectReconciler):
         domain: Domain | None
         try:
             domain = await hypervisor.domain(uid)
-            if vmspec.wants_running(launch) and (domain is None or not domain.active):
+            if not vmspec.migrating(vm) and vmspec.wants_running(launch) and \
+                    (domain is None or not domain.active):
                 held = await self._fencing_holds(key, uid, launch, worker)
                 if held is not None:
                     if not held:
@@ -254,7 +255,10 @@ class VmReconciler(ObjectReconciler):
                         message="the host fenced itself (neither its Lease nor its storage heartbeat could be "
                         "written): HA guests are not started until its Lease renews"))
                     return FENCED_RETRY
-            if vmspec.wants_running(launch):
+            if vmspec.migrating(vm):
+                # A live migration moves the domain (hostagent.migrations): neither start nor stop it meanwhile.
+                pass
+            elif vmspec.wants_running(launch):
                 self._stopping.pop(key, None)
                 self._released.discard(uid)
                 domain, delay, message = await self._run(key, vm, launch, worker, domain)

@@ -161,6 +161,17 @@ def placed_host(vm: Mapping[str, t.Any] | None) -> str | None:
     return launch.get("host") if isinstance(launch, Mapping) else None
 
 
+def migration_target(vm: Mapping[str, t.Any] | None) -> str | None:
+    """The host a live migration in progress moves the guest to (``status.migration``), or None."""
+    migration = ((vm or {}).get("status") or {}).get("migration") or {}
+    return migration.get("targetHost")
+
+
+def migrating(vm: Mapping[str, t.Any]) -> bool:
+    """The source's agent has handed the domain to a live migration: it neither starts nor stops it."""
+    return bool(((vm.get("status") or {}).get("migration") or {}).get("migrating"))
+
+
 def domain_verdict(owner: DomainOwner, vm: Mapping[str, t.Any] | None) -> tuple[Verdict, str]:
     """What to do with a Cumulo domain given its VirtualMachine as a direct GET returned it (None: 404).
     The domain keeps running exactly when the object still exists (same uid) and its launch names the
@@ -173,6 +184,9 @@ def domain_verdict(owner: DomainOwner, vm: Mapping[str, t.Any] | None) -> tuple[
     if uid != owner.uid:
         return Verdict.DESTROY, f"VirtualMachine {key} is a new object (uid {uid}, the domain's is {owner.uid})"
     host = placed_host(vm)
+    target = migration_target(vm)
+    if target is not None and target == owner.host:
+        return Verdict.KEEP, f"VirtualMachine {key} is migrating to host {target}"
     if host is None:
         return Verdict.DESTROY, f"VirtualMachine {key} has no launch (it is stopped)"
     if host != owner.host:

@@ -3,6 +3,7 @@
 from controllers.reconcilers.cluster import ClusterReconciler
 from controllers.reconcilers.host import HostReconciler
 from controllers.reconcilers.hostpod import HostPodReconciler
+from controllers.reconcilers.migration import VirtualMachineMigrationReconciler
 from controllers.reconcilers.imagestore import ImageStoreReconciler
 from controllers.reconcilers.offerings import (
     DiskOfferingReconciler,
@@ -31,7 +32,7 @@ INFRASTRUCTURE = (
     ImageStoreReconciler, PhysicalNetworkReconciler, ServiceOfferingReconciler, DiskOfferingReconciler,
     NetworkOfferingReconciler,
 )
-COMPUTE = (TemplateReconciler, VolumeReconciler, VirtualMachineReconciler)
+COMPUTE = (TemplateReconciler, VolumeReconciler, VirtualMachineReconciler, VirtualMachineMigrationReconciler)
 NETWORKING = (NetworkReconciler, VirtualRouterReconciler, PublicIPAddressReconciler, FirewallRuleReconciler, PortForwardingRuleReconciler,
               LoadBalancerRuleReconciler, SecurityGroupReconciler)
 ALL = INFRASTRUCTURE + NETWORKING + COMPUTE + (QuotaReconciler, UsageReconciler)

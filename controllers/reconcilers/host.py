@@ -8,9 +8,12 @@ import json
 import logging
 import time
 
-from controllers import hainvestigation, inventory, kinds, metrics
+from controllers import hainvestigation, inventory, kinds, metrics, migration
 from controllers.api.v1alpha1 import Host
-from controllers.api.v1alpha1.host import INVESTIGATE_PREFIX, HostState, InvestigationRequest, investigate_annotation
+from controllers.api.v1alpha1.common import API_VERSION
+from controllers.api.v1alpha1.host import (INVESTIGATE_PREFIX, HostState, InvestigationRequest, ResourceState,
+                                           investigate_annotation)
+from controllers.api.v1alpha1.virtualmachinemigration import EVACUATION_LABEL
 from controllers.conditions import Check
 from controllers.hostmonitor import HostMonitor, Lease, connection_state
 
@@ -53,6 +56,8 @@ class HostReconciler(InventoryReconciler):
         self._next_check: dict[str, float | None] = {}
         self._requests: dict[str, dict[str, str]] = {}  # suspect -> neighbour -> annotation value
         self._down_renew: dict[str, str | None] = {}  # suspect -> the Lease's renewTime when it was found Down
+        self.index("virtualmachinemigrations", "evacuating",
+                   lambda m: [v] if (v := m.metadata.labels.get(EVACUATION_LABEL)) else [])
 
     def extra_watches(self):
         return {
@@ -61,6 +66,11 @@ class HostReconciler(InventoryReconciler):
             "leases": self._lease_changed,
             # A neighbour's answer (its status.node.investigations) re-judges the hosts it investigates.
             "hosts": lambda host: [self.key(name) for name in investigated(host)],
+            "virtualmachinemigrations": lambda m: [self.key(host) for host in
+                                                   {m.metadata.labels.get(EVACUATION_LABEL), m.status.source_host}
+                                                   if host and (h := self.store.get("hosts", host)) is not None
+                                                   and (h.spec.maintenance or host == m.metadata.labels.get(
+                                                       EVACUATION_LABEL))],
         }
 
     def forget(self, key) -> None:
@@ -120,11 +130,44 @@ class HostReconciler(InventoryReconciler):
                 next_check = wait if next_check is None else min(next_check, wait)
         self._requests[name] = requests
         self._next_check[name] = next_check
+        placed = self.store.by("virtualmachines", ".status.placement.host", name)
         return inventory.host_status(
             host, self.store.get("clusters", host.spec.cluster), (state, heartbeat),
-            [inventory.guest_of(vm, self.store.get("serviceofferings", vm.spec.service_offering))
-             for vm in self.store.by("virtualmachines", ".status.placement.host", name)],
-            self.store.by("storagepools", ".spec.host", name), ctx)
+            [inventory.guest_of(vm, self.store.get("serviceofferings", vm.spec.service_offering)) for vm in placed],
+            self.store.by("storagepools", ".spec.host", name), ctx, self._evacuation(host, placed))
+
+    # -- maintenance ---------------------------------------------------------------------------
+
+    def _evacuation(self, host: Host, placed: list) -> migration.Evacuation | None:
+        if not host.spec.maintenance:
+            return None
+        name = host.metadata.name
+        migrations = [m for m in self.store.list("virtualmachinemigrations") if m.status.source_host == name
+                      or m.metadata.labels.get(EVACUATION_LABEL) == name]
+        return migration.evacuation(name, placed, migrations)
+
+    async def _maintain(self, host: Host, status) -> None:
+        """Maintenance: one live migration per guest still placed here (the planner picks each target); a cancel
+        removes this host's finished evacuation records, so the next maintenance tries every guest afresh."""
+        name = host.metadata.name
+        api = self.runtime.api
+        if host.spec.maintenance:
+            if status.resource_state != ResourceState.PREPARE_FOR_MAINTENANCE:
+                return
+            evacuating = self._evacuation(host, self.store.by("virtualmachines", ".status.placement.host", name))
+            for namespace, vm_name in evacuating.to_migrate if evacuating else ():
+                vm = self.store.get("virtualmachines", vm_name, namespace)
+                if vm is None:
+                    continue
+                await api.create(kinds.VIRTUALMACHINEMIGRATIONS, {
+                    "apiVersion": API_VERSION, "kind": "VirtualMachineMigration",
+                    "metadata": {"name": migration.evacuation_name(name, vm_name, vm.metadata.uid),
+                                 "namespace": namespace, "labels": {EVACUATION_LABEL: name}},
+                    "spec": {"virtualMachine": {"name": vm_name}}})
+            return
+        for record in self.store.by("virtualmachinemigrations", "evacuating", name):
+            if not migration.active(record) and record.metadata.deletion_timestamp is None:
+                await api.delete(kinds.VIRTUALMACHINEMIGRATIONS, record.metadata.name, record.metadata.namespace)
 
     def _investigate(self, host: Host, lease_age: float) -> tuple[hainvestigation.Verdict, dict[str, str]]:
         """Ask neighbours to read the host's storage heartbeat; judge their answers."""
@@ -163,6 +206,7 @@ class HostReconciler(InventoryReconciler):
 
     async def act(self, host: Host, status) -> None:
         await self._sync_requests(host.metadata.name, self._requests.get(host.metadata.name, {}))
+        await self._maintain(host, status)
 
     async def finalize(self, host: Host) -> bool:
         await self._sync_requests(host.metadata.name, {})

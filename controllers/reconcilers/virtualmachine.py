@@ -14,7 +14,7 @@ import dataclasses
 import datetime
 import typing as t
 
-from controllers import hainvestigation, inventory, ipam, kinds, metrics, planner
+from controllers import hainvestigation, inventory, ipam, kinds, metrics, migration, planner
 from controllers.api.v1alpha1 import VirtualMachine
 from controllers.api.v1alpha1.common import API_VERSION, FINALIZER, AllocationState
 from controllers.api.v1alpha1.host import HOST_LABEL, HostState
@@ -96,6 +96,10 @@ class VirtualMachineReconciler(InventoryReconciler):
         for vm in self.store.list("virtualmachines"):
             if vm.status.placement and vm.status.placement.host:
                 self._reserve(vm, vm.status.placement.host)
+            if vm.status.migration is not None and vm.status.launch is not None:
+                # A live migration's target holds the guest's size too until the move ends (see migration).
+                self.ledger.reserve(migration.reservation_key(vm_key(vm)), vm.status.migration.target_host,
+                                    vm.status.launch.cpu_number, vm.status.launch.memory_mib, vm.metadata.namespace)
 
     def watch_map(self):
         def vms(index: str, value: str):
@@ -128,6 +132,7 @@ class VirtualMachineReconciler(InventoryReconciler):
 
     def forget(self, key) -> None:
         self.ledger.release(f"{key[1]}/{key[2]}")
+        self.ledger.release(migration.reservation_key(f"{key[1]}/{key[2]}"))
         self._decided.pop(f"{key[1]}/{key[2]}", None)
         self._waiting_for_capacity.discard((key[1], key[2]))
         self.placements.forget(f"{key[1]}/{key[2]}")
@@ -278,7 +283,13 @@ class VirtualMachineReconciler(InventoryReconciler):
         # A guest waiting for quota allocates nothing (no addresses, no root disk, no placement).
         nics = self._allocate_nics(vm, status) if not ctx.deleting and quota_ok.ok else Check.passed()
 
-        if wanted == DesiredState.STOPPED or (not first_failure(references, nics).ok and not running):
+        if status.migration is not None and status.launch is not None and not ctx.deleting:
+            # A live migration moves the guest (controllers.reconcilers.migration owns status.migration and the
+            # placement change at its end): the launch stays as it is, a stop waits for the move to end.
+            held = status.migration
+            ready = Check.passed("Migrating", f"live-migrating from host {held.source_host} to {held.target_host}")
+            phase = VmPhase.MIGRATING
+        elif wanted == DesiredState.STOPPED or (not first_failure(references, nics).ok and not running):
             if status.launch is not None and not domain_stopped(vm) and not self._fenced(vm):
                 status.launch = status.launch.model_copy(update={"power_state": DesiredState.STOPPED})
                 phase = VmPhase.STOPPING

@@ -46,7 +46,7 @@ def test_every_kind_of_the_design_is_generated():
         "Zone", "HostPod", "Cluster", "Host", "StoragePool", "ImageStore", "PhysicalNetwork", "ServiceOffering",
         "DiskOffering", "NetworkOffering", "Template", "VirtualMachine", "Volume", "Snapshot", "Network",
         "PublicIPAddress", "PortForwardingRule", "FirewallRule", "LoadBalancerRule", "SecurityGroup",
-        "AffinityGroup", "Quota", "VirtualRouter", "UsageRecord",
+        "AffinityGroup", "Quota", "VirtualRouter", "UsageRecord", "VirtualMachineMigration",
     }
 
 

@@ -23,9 +23,9 @@ AGENT_RESTRICTION = REPO / "charts" / "cumulo" / "templates" / "agent-restrictio
 TENANT = {"VirtualMachine", "Volume", "Snapshot", "Template", "Network", "PublicIPAddress", "FirewallRule",
           "PortForwardingRule", "LoadBalancerRule", "SecurityGroup", "AffinityGroup"}
 """Namespaced kinds a namespace's editors manage."""
-TENANT_READ_ONLY = {"Quota", "VirtualRouter", "UsageRecord"}
-"""Namespaced kinds tenants see but others write (the cloud admin: Quota; the controller: VirtualRouter,
-UsageRecord)."""
+TENANT_READ_ONLY = {"Quota", "VirtualRouter", "UsageRecord", "VirtualMachineMigration"}
+"""Namespaced kinds tenants see but others write (the cloud admin: Quota and VirtualMachineMigration, as
+CloudStack's migrateVirtualMachine is an admin call; the controller: VirtualRouter, UsageRecord)."""
 CATALOG = {"Zone", "ServiceOffering", "DiskOffering", "NetworkOffering"}
 """Cluster-scoped, admin-written, readable by every authenticated user."""
 INFRASTRUCTURE = {"HostPod", "Cluster", "Host", "StoragePool", "ImageStore", "PhysicalNetwork"}
@@ -155,7 +155,8 @@ def test_agent_role_writes_only_status_of_its_kinds_hosts_and_leases() -> None:
             if verbs:
                 writes[resource] = verbs
     assert writes == {"hosts": {"create"}, "hosts/status": {"patch"}, "virtualmachines/status": {"patch"},
-                      "volumes/status": {"patch"}, "templates/status": {"patch"}, "virtualrouters/status": {"patch"}}
+                      "volumes/status": {"patch"}, "templates/status": {"patch"}, "virtualrouters/status": {"patch"},
+                      "virtualmachinemigrations/status": {"patch"}}
     assert granted(role, "leases", "coordination.k8s.io") == {"create", "patch"}
     assert granted(role, "nodes", "") == {"get"}
     # User data Secrets are read by name when a guest starts; never listed or watched (no bulk reads of Secrets).

@@ -22,6 +22,7 @@ from .storagepool import StoragePool
 from .template import Template
 from .usage import UsageRecord
 from .virtualmachine import VirtualMachine
+from .virtualmachinemigration import VirtualMachineMigration
 from .virtualrouter import VirtualRouter
 from .volume import Volume
 from .zone import Zone
@@ -31,5 +32,5 @@ __all__ = [
     "AffinityGroup", "Cluster", "DiskOffering", "FirewallRule", "Host", "HostPod", "ImageStore",
     "LoadBalancerRule", "Network", "NetworkOffering", "PhysicalNetwork", "PortForwardingRule",
     "PublicIPAddress", "Quota", "SecurityGroup", "ServiceOffering", "Snapshot", "StoragePool", "Template",
-    "UsageRecord", "VirtualMachine", "VirtualRouter", "Volume", "Zone",
+    "UsageRecord", "VirtualMachine", "VirtualMachineMigration", "VirtualRouter", "Volume", "Zone",
 ]

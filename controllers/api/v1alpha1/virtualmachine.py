@@ -240,6 +240,18 @@ class DomainInfo(Model):
     disks: list[str] = Field(default_factory=list, description="Volumes attached to the running domain.")
 
 
+class MigrationState(Model):
+    """A live migration in progress (written by the controller's migration reconciler): the target's
+    reservation, recorded here so the capacity ledger rebuilt on a restart holds it."""
+
+    name: str = Field(description="The VirtualMachineMigration.")
+    source_host: str = Field(description="Host the guest runs on.")
+    target_host: str = Field(description="Host capacity is reserved on.")
+    target_pool: str | None = Field(None, description="Local pool of the target the disks move to, if any.")
+    migrating: bool = Field(False, description="The source's agent has been told to migrate: it neither starts "
+                            "nor stops the domain until this is cleared.")
+
+
 class VirtualMachineStatus(ResourceStatus):
     """Observed state of a guest."""
 
@@ -249,6 +261,7 @@ class VirtualMachineStatus(ResourceStatus):
     launch: LaunchSpec | None = Field(None, description="Resolved description for the host agent.")
     node: DomainInfo | None = Field(None, description="What the host agent observes.")
     destroyed_at: datetime.datetime | None = Field(None, description="When the guest was destroyed.")
+    migration: MigrationState | None = Field(None, description="A live migration in progress.")
 
 
 class VirtualMachine(

@@ -129,6 +129,19 @@ CPU_PERIOD_US = 100_000
 
 
 @dataclasses.dataclass(frozen=True)
+class MigrationTarget:
+    """Where and how a running domain moves (from a VirtualMachineMigration's plan and the target's report)."""
+
+    host: str                           # the target Host (the domain's owner names it after the move)
+    address: str | None                 # the target hypervisor's address (libvirt: qemu+tcp://<address>/system)
+    disks: t.Mapping[str, str] = dataclasses.field(default_factory=dict)  # source path -> target path (copied)
+    console_log: str | None = None      # files the target's agent prepared
+    config_drive: str | None = None
+    shared_storage: bool = True         # the disks stay where they are (memory-only migration)
+    timeout: float = 600.0
+
+
+@dataclasses.dataclass(frozen=True)
 class Domain:
     """A domain as the hypervisor has it."""
 
@@ -200,6 +213,16 @@ class HypervisorDriver(t.Protocol):
 
     async def block_resize(self, uuid: str, path: str, size_bytes: int) -> None:
         """Grow the disk at ``path`` of the running domain; the guest sees the new size."""
+        ...
+
+    async def migrate(self, uuid: str, target: MigrationTarget) -> None:
+        """Live-migrate the running domain to ``target`` (peer to peer); returns once it runs there and is gone
+        here. On failure it keeps running here and :class:`HypervisorError` says why."""
+        ...
+
+    async def domain_at(self, uuid: str, target: MigrationTarget) -> Domain | None:
+        """The domain with this UUID on the target's hypervisor, or None (a migration's outcome, when the agent
+        restarted while it ran)."""
         ...
 
     async def close(self) -> None:

@@ -247,3 +247,41 @@ def parse(xml: str) -> tuple[DomainOwner | None, tuple[DiskDevice, ...], str | N
     """(owner, disks, console log path) of a domain XML."""
     root = ET.fromstring(xml)
     return parse_owner(root), parse_disks(root), parse_console(root)
+
+
+# --------------------------------------------------------------------------------------------
+# Live migration
+
+
+def migration_xml(xml: str, *, host: str, disks: t.Mapping[str, str], console_log: str | None,
+                  config_drive: str | None) -> str:
+    """The destination XML of a live migration, from the source domain's migratable XML: the owner's host
+    becomes the target (so the target's agent adopts it as its own), the moved disks point at their copies
+    (``disks``: source path -> target path; the copy is a whole image, so the source's backing chain goes), and
+    the console log and config drive at the files the target's agent prepared."""
+    root = ET.fromstring(xml)
+    instance = root.find(f"metadata/{{{METADATA_NS}}}instance")
+    if instance is not None:
+        element = instance.find(f"{{{METADATA_NS}}}host")
+        if element is None:
+            element = ET.SubElement(instance, f"{{{METADATA_NS}}}host")
+        element.text = host
+    for element in root.findall("devices/disk"):
+        source = element.find("source")
+        if source is None or not source.get("file"):
+            continue
+        alias = element.find("alias")
+        if alias is not None and alias.get("name") == CONFIG_DRIVE_ALIAS or element.get("device") == "cdrom":
+            if config_drive:
+                source.set("file", config_drive)
+            continue
+        target = disks.get(source.get("file", ""))
+        if target is not None:
+            source.set("file", target)
+            for backing in element.findall("backingStore"):
+                element.remove(backing)
+    if console_log:
+        for tag in ("serial", "console"):
+            for element in root.findall(f"devices/{tag}[@type='file']/source"):
+                element.set("path", console_log)
+    return ET.tostring(root, encoding="unicode")

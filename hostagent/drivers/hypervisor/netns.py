@@ -366,5 +366,11 @@ class NetnsDriver:
         if record is None or not any(disk.path == path for disk in record.disks):
             raise HypervisorError(f"domain {uuid} has no disk {path}")
 
+    async def migrate(self, uuid: str, target: t.Any) -> None:
+        raise HypervisorError("netns guests cannot be live-migrated (a namespace holds no memory image to move)")
+
+    async def domain_at(self, uuid: str, target: t.Any) -> Domain | None:
+        return None
+
     async def close(self) -> None:
         return None

@@ -9,6 +9,8 @@ operation first asks the host's :class:`~hostagent.faults.FaultInjector`. Operat
 * ``stop``: an ACPI shutdown request (the domain goes ``stop_seconds`` later) and a destroy
 * ``attach``: hot-plugging and unplugging a disk
 * ``resize``: growing a disk of a running domain (and, in the simulator storage driver, of a stopped one)
+* ``migrate``: a live migration (instant after ``migrate_seconds``); the domain moves to the target host's
+  simulator, which must run in the same agent process (:data:`PEERS`, filled as the hosts' drivers are made)
 
 The storage simulator adds ``download`` (template downloads) and ``create-volume``.
 """
@@ -22,7 +24,7 @@ import platform
 from controllers.api.v1alpha1.common import HypervisorType
 
 from ...faults import FaultInjector, InjectedFailure
-from . import DiskDevice, Domain, DomainDescription, DomainState, HostFacts, HypervisorError
+from . import DiskDevice, Domain, DomainDescription, DomainState, HostFacts, HypervisorError, MigrationTarget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,10 @@ class SimulatedCapacity:
     cpu_model: str = "Simulated CPU"
 
 
+PEERS: dict[str, "SimulatorDriver"] = {}
+"""The simulated hosts of this process by host name: where a migration finds its target."""
+
+
 class SimulatorDriver:
     """One simulated host's hypervisor."""
 
@@ -43,8 +49,12 @@ class SimulatorDriver:
 
     def __init__(self, capacity: SimulatedCapacity, faults: FaultInjector, *, version: str,
                  call_timeout: float = 30.0, start_seconds: float = 0.0, stop_seconds: float = 0.0,
-                 disk_sizes: dict[str, int] | None = None) -> None:
+                 disk_sizes: dict[str, int] | None = None, host: str | None = None,
+                 migrate_seconds: float = 0.0) -> None:
         self.capacity = capacity
+        self.migrate_seconds = migrate_seconds
+        if host is not None:
+            PEERS[host] = self
         self.faults = faults
         self.version = version
         self.call_timeout = call_timeout
@@ -157,6 +167,28 @@ class SimulatorDriver:
         await self._operation("resize")
         if path in self.disk_sizes:
             self.disk_sizes[path] = max(self.disk_sizes[path], size_bytes)
+
+    async def migrate(self, uuid: str, target: MigrationTarget) -> None:
+        domain = self._running(uuid)
+        peer = PEERS.get(target.host)
+        if peer is None or peer is self:
+            raise HypervisorError(f"unable to connect to the simulated host {target.host}: not in this agent process")
+        await self._operation("migrate")
+        if self.migrate_seconds:
+            await asyncio.sleep(self.migrate_seconds)
+        domain = self._running(uuid)
+        owner = dataclasses.replace(domain.owner, host=target.host) if domain.owner else None
+        disks = tuple(dataclasses.replace(d, path=target.disks.get(d.path, d.path)) for d in domain.disks)
+        for source, copy in target.disks.items():
+            if source in self.disk_sizes:
+                peer.disk_sizes[copy] = self.disk_sizes[source]
+        peer._domains[uuid] = dataclasses.replace(domain, owner=owner, disks=disks, id=peer._next_id)
+        peer._next_id += 1
+        self._remove(uuid)
+
+    async def domain_at(self, uuid: str, target: MigrationTarget) -> Domain | None:
+        peer = PEERS.get(target.host)
+        return None if peer is None else await peer.domain(uuid)
 
     async def close(self) -> None:
         for handle in self._stopping.values():
