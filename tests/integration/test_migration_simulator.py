@@ -99,6 +99,13 @@ def finished(world: dict, name: str) -> dict[str, Any]:
                     and tenant.status("virtualmachinemigrations", name), timeout=60, what=f"migration {name} ends")
 
 
+def faults_seen(world: dict, host: str, faults: list[str]) -> None:
+    """Wait until the agent has applied the host's fault annotation (it logs each change)."""
+    wait_for(lambda: any(r.get("msg") == "simulator faults configured" and r.get("host") == host
+                         and r.get("faults") == faults for r in world["agent"].log_records()),
+             what=f"faults {faults} on {host}")
+
+
 def host_vms(world: dict, host: str) -> int | None:
     return (world["cloud"].get("hosts", host).get("status") or {}).get("virtualMachines")
 
@@ -141,7 +148,7 @@ def test_a_failed_migration_leaves_the_guest_on_its_source_and_releases_the_targ
     target = next(h for h in hosts if h != source)
     cloud.patch("hosts", source, {"metadata": {"annotations": {SIMULATOR_FAULTS_ANNOTATION: json.dumps(
         {"migrate": {"fail": True, "message": "injected: migration stream broken"}})}}})
-    time.sleep(1)  # the agent reads the annotation on its Host event
+    faults_seen(sim_zone, source, ["migrate"])
     migrate(sim_zone, "move-db", "db", target)
     failed = finished(sim_zone, "move-db")
     assert failed["phase"] == "Failed" and failed["reason"] == "MigrationFailed", failed
@@ -157,7 +164,7 @@ def test_a_failed_migration_leaves_the_guest_on_its_source_and_releases_the_targ
 
     # The reservation on the target is gone: a second attempt (fault cleared) takes it and succeeds.
     cloud.patch("hosts", source, {"metadata": {"annotations": {SIMULATOR_FAULTS_ANNOTATION: None}}})
-    time.sleep(1)
+    faults_seen(sim_zone, source, [])
     migrate(sim_zone, "move-db-again", "db", target)
     assert finished(sim_zone, "move-db-again")["phase"] == "Succeeded"
     # A guest that is not running cannot be migrated; the answer says why.
