@@ -36,8 +36,9 @@ def test_scale_runs() -> None:
 
 
 def test_ha_runs() -> None:
-    out = run("ha.py", "--hosts", "2", "--guests", "2", "--alert-after", "2", "--wait", "2")
-    assert "Alert after" in out
+    out = run("ha.py", "--hosts", "2", "--guests", "2", "--lease-duration", "3", "--down-after", "6",
+              "--fence-after", "4", "--wait", "40")
+    assert "Down after" in out and "HA guests Running elsewhere: 2 of 2" in out
 
 
 def test_real_guest_runs() -> None:
