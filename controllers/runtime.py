@@ -8,6 +8,11 @@ Workers then run one level-based ``reconcile()`` per key, never two at once for 
 
 The store is primed with one LIST per kind before the workers start, so a reconcile never sees a
 half-filled world (for example, a Zone whose HostPods were not listed yet looking deletable).
+
+When a watch cannot resume (410 Gone, as after a kube-apiserver restart), kopf lists the kind again and replays
+what exists as type-None events, but sends no DELETED for what went in between; the runtime then lists the kind
+itself and drops what the API no longer has (:meth:`Runtime.prune`), or a deleted guest would block its network's
+deletion forever.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str | None, str]
 """(plural, namespace or None, name)."""
+
+PRUNE_SETTLE_SECONDS = 2.0
+"""This long after a kind's listing (type-None events) starts, the kind is pruned (see :meth:`Runtime.prune`)."""
 
 
 def key_of(plural: str, raw: t.Mapping[str, t.Any]) -> Key:
@@ -79,6 +87,8 @@ class Store:
         self.kinds = {kind.plural: kind for kind in kinds}
         self._objects: dict[str, dict[tuple[str | None, str], t.Any]] = {plural: {} for plural in self.kinds}
         self._raw_versions: dict[Key, str] = {}
+        self._stamps: dict[Key, int] = {}  # key -> value of `sequence` when it was last stored
+        self.sequence = 0
         self._changes: collections.Counter[str] = collections.Counter()
         self._indexers: dict[tuple[str, str], t.Callable[[t.Any], t.Iterable[str]]] = {}
         self._indexes: dict[tuple[str, str], dict[str, set[tuple[str | None, str]]]] = {}
@@ -103,6 +113,8 @@ class Store:
         self._changes[plural] += 1
         self._objects[plural][object_key] = new
         self._raw_versions[key] = version
+        self.sequence += 1
+        self._stamps[key] = self.sequence
         self._reindex(plural, object_key, old, new)
         return old, new
 
@@ -110,6 +122,7 @@ class Store:
         key = key_of(plural, raw)
         old = self._objects[plural].pop(key[1:], None)
         self._raw_versions.pop(key, None)
+        self._stamps.pop(key, None)
         self._changes[plural] += 1
         if old is not None:
             self._reindex(plural, key[1:], old, None)
@@ -124,6 +137,10 @@ class Store:
                 index[value].discard(object_key)
             for value in values(new) if new is not None else ():
                 index[value].add(object_key)
+
+    def stored_since(self, key: Key, sequence: int) -> bool:
+        """Whether the object was stored (created or changed) after ``sequence`` was read."""
+        return self._stamps.get(key, 0) > sequence
 
     def changes(self, plural: str) -> int:
         """A counter that moves whenever an object of ``plural`` changes (for caches derived from them)."""
@@ -277,6 +294,7 @@ class Runtime:
         self.started = asyncio.Event()
         self.reconciles = 0
         self.loaded = False
+        self._prunes: dict[str, asyncio.TimerHandle | asyncio.Task] = {}
 
     async def load(self) -> None:
         """LIST every kind into the store (before the watches start; they keep it current from then on). A
@@ -302,12 +320,16 @@ class Runtime:
         self.started.set()
 
     async def stop(self) -> None:
+        for pending in self._prunes.values():
+            pending.cancel()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def observe(self, plural: str, event_type: str | None, raw: dict) -> None:
         """Feed one watch event (kopf's ``on.event``) into the store and queue."""
+        if event_type is None and self.loaded:
+            self._schedule_prune(plural)
         if event_type == "DELETED":
             old, new = self.store.remove(plural, raw), None
         else:
@@ -323,6 +345,45 @@ class Runtime:
                     keys.update(mapper(version))
             for key in keys:
                 self.queue.add(key)
+
+    def _schedule_prune(self, plural: str, delay: float = PRUNE_SETTLE_SECONDS) -> None:
+        """A listing (type-None events) after the store was loaded: kopf's start-up listing or a relist after a
+        broken watch. Once it settles, :meth:`prune` the kind (one LIST)."""
+        if plural in self._prunes:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._prunes[plural] = loop.call_later(
+            delay, lambda: self._prunes.__setitem__(plural, loop.create_task(self._prune_task(plural))))
+
+    async def _prune_task(self, plural: str) -> None:
+        try:
+            await self.prune(plural)
+        except Exception as error:  # the API is still away: try again later
+            log.warning("pruning %s after a relist failed (%s); retrying", plural, error)
+            self._prunes.pop(plural, None)
+            self._schedule_prune(plural, delay=5.0)
+            return
+        self._prunes.pop(plural, None)
+
+    async def prune(self, plural: str) -> int:
+        """Drop (as if a DELETED event came) every stored object of ``plural`` that a fresh LIST no longer has
+        and that was not stored while the LIST ran; returns how many."""
+        before = self.store.sequence
+        present = {key_of(plural, raw) for raw in await self.api.list(self.store.kinds[plural])}
+        gone = []
+        for obj in self.store.list(plural):
+            raw = {"metadata": {"name": obj.metadata.name, "namespace": obj.metadata.namespace}}
+            key = key_of(plural, raw)
+            if key not in present and not self.store.stored_since(key, before):
+                gone.append(raw)
+        for raw in gone:
+            log.info("%s %s/%s is gone (its DELETED event was lost in a relist)", plural,
+                     raw["metadata"]["namespace"], raw["metadata"]["name"])
+            self.observe(plural, "DELETED", raw)
+        return len(gone)
 
     async def _work(self) -> None:
         while True:

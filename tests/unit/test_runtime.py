@@ -54,3 +54,48 @@ def test_work_queue_dedupes_and_reprocesses_keys_added_while_active():
         await asyncio.wait_for(queue.get(), 1)
 
     asyncio.run(scenario())
+
+
+class Meta:
+    def __init__(self, raw):
+        self.name, self.namespace = raw["metadata"]["name"], raw["metadata"].get("namespace")
+
+
+class Named:
+    def __init__(self, raw):
+        self.metadata = Meta(raw)
+
+
+def test_a_relist_drops_what_was_deleted_while_the_watch_was_broken():
+    """kopf's relist after a 410 (a restarted kube-apiserver) replays what exists but sends no DELETED for what
+    went meanwhile: the runtime lists the kind itself and drops the rest, except what arrived during its LIST."""
+    from controllers.runtime import Runtime
+
+    kind = Kind("pods", "g", "v", True, Named)
+
+    class Api:
+        def __init__(self):
+            self.objects = [raw("p1", "z", "1"), raw("p3", "z", "5")]
+            self.runtime = None
+
+        async def list(self, listed):
+            assert listed is kind
+            self.runtime.observe("pods", "ADDED", raw("p4", "z", "6"))  # a watch event while the LIST runs
+            return self.objects
+
+    async def scenario():
+        api = Api()
+        runtime = api.runtime = Runtime(api, [kind], [])
+        for name in ("p1", "p2"):  # p2 is deleted while the watch is broken
+            runtime.store.upsert("pods", raw(name, "z", "1"))
+        runtime.loaded = True
+        runtime.observe("pods", None, raw("p1", "z", "1"))  # the relist starts
+        runtime.observe("pods", None, raw("p3", "z", "5"))
+        assert runtime.store.get("pods", "p2") is not None
+        await asyncio.sleep(0.1)
+        assert len(runtime._prunes) == 1  # one prune per kind, not per event
+        await asyncio.sleep(2.5)
+        assert [o.metadata.name for o in runtime.store.list("pods")] == ["p1", "p3", "p4"]
+        assert runtime._prunes == {}
+
+    asyncio.run(scenario())
