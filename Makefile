@@ -12,7 +12,7 @@ export UV_PYTHON := $(PYTHON)
 export UV_PYTHON_DOWNLOADS := never
 export CUMULO_CACHE := $(CACHE)
 
-.PHONY: up down test deps system-deps python toolchain crds lint bench bench-scale
+.PHONY: up down test deps system-deps python toolchain crds lint bench bench-scale chaos
 
 up: deps
 	$(VENV)/bin/cumulo up
@@ -37,6 +37,12 @@ bench: deps
 bench-scale: deps
 	$(VENV)/bin/python benchmarks/scale.py $(SCALE_ARGS)
 	$(VENV)/bin/python benchmarks/ha.py
+
+# Crash safety: the fault-injection harness (benchmarks/chaos.py) over many seeds; CI runs seed 1
+# (tests/integration/test_chaos.py). Each seed takes 2-4 minutes here.
+CHAOS_ARGS ?= --seeds 1-50
+chaos: deps
+	$(VENV)/bin/python benchmarks/chaos.py $(CHAOS_ARGS)
 
 system-deps:
 	hack/install-system-deps

@@ -42,6 +42,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -357,6 +358,37 @@ class ControlPlane:
             self.state_path.unlink()
         if self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def kill_apiserver(self) -> None:
+        """SIGKILL kube-apiserver alone (a crash; etcd keeps running): the crash tests' apiserver outage."""
+        state = self._require_state()
+        proc = self._procs.pop("apiserver", None)
+        pid = proc.pid if proc is not None else state["apiserver"]["pid"]
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if proc is not None:
+            proc.wait(timeout=30)
+        else:
+            processes.reap(pid)
+
+    def start_apiserver(self, timeout: float = 60.0) -> None:
+        """Start kube-apiserver again after :meth:`kill_apiserver`, on the same port over the same etcd, so
+        every kubeconfig stays valid; returns once /readyz answers ok."""
+        state = self._require_state()
+        port = int(state["apiserver"]["port"])
+        etcd_port = int(state["etcd"]["client_url"].rsplit(":", 1)[1])
+        offset = processes.size(self.apiserver_log)
+        api = self._spawn("apiserver", self._apiserver_command(toolchain.binary("kube-apiserver"), etcd_port, port),
+                          self.apiserver_log, bool(state.get("detached")))
+        context = self._client_ssl_context()
+        deadline = time.monotonic() + timeout
+        while _get(port, "/readyz", context)[0] != 200:
+            if api.poll() is not None or time.monotonic() > deadline:
+                raise ControlPlaneError(f"kube-apiserver did not come back on port {port}; {self.apiserver_log}:\n"
+                                        f"{processes.tail(self.apiserver_log, offset)}")
+            time.sleep(POLL_INTERVAL)
+        state["apiserver"].update(pid=api.pid, start_time=processes.proc_start_time(api.pid))
+        self._write_state(state)
 
     @classmethod
     def attach(cls, workdir: Path | str) -> ControlPlane | None:

@@ -111,6 +111,8 @@ class AgentConfig:
     vm_concurrency: int = 4
     sim_start_seconds: float = 0.0
     sim_stop_seconds: float = 0.0
+    sim_persist: bool = False
+    """Simulated domains and disks in ``<state_dir>/simulator/<host>.json`` (they survive an agent crash)."""
 
     @property
     def process_scale(self) -> int:

@@ -92,6 +92,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sim-start-seconds", type=float, default=0.0, help="simulated time a domain takes to start")
     p.add_argument("--sim-stop-seconds", type=float, default=0.0,
                    help="simulated time a guest takes to power off after an ACPI shutdown request")
+    p.add_argument("--sim-persist", action="store_true",
+                   help="keep each simulated host's domains and disks in <state-dir>/simulator/<host>.json, so they "
+                        "outlive the agent process as real guests do (crash tests)")
     p.add_argument("--kubeconfig", help="default: $KUBECONFIG, ~/.kube/config, else in-cluster")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="json", choices=["json", "text"])
@@ -146,6 +149,7 @@ def build_config(options: argparse.Namespace, environ: t.Mapping[str, str]) -> A
         vm_concurrency=options.vm_concurrency,
         sim_start_seconds=options.sim_start_seconds,
         sim_stop_seconds=options.sim_stop_seconds,
+        sim_persist=options.sim_persist,
     )
     config.validate()
     return config
@@ -179,7 +183,9 @@ def build_workers(agent: Agent) -> list[HostWorker]:
             hypervisor = SimulatorDriver(config.simulated, faults, version=agent.version,
                                          call_timeout=config.call_timeout, start_seconds=config.sim_start_seconds,
                                          stop_seconds=config.sim_stop_seconds, disk_sizes=disk_sizes,
-                                         host=name)
+                                         host=name,
+                                         state_file=os.path.join(config.state_dir, "simulator", f"{name}.json")
+                                         if config.sim_persist else None)
         elif config.hypervisor == "netns":
             from .drivers.hypervisor.netns import NetnsDriver
             hypervisor = NetnsDriver(network, config.state_dir, host_netns=config.host_netns,
@@ -191,7 +197,7 @@ def build_workers(agent: Agent) -> list[HostWorker]:
                                        network=network)
         storage = shared_storage if shared_storage is not None else SimulatorStorageDriver(
             faults or FaultInjector(), capacity_bytes=config.sim_storage_bytes, call_timeout=config.call_timeout,
-            disk_sizes=disk_sizes)
+            disk_sizes=disk_sizes, saved=hypervisor.save if isinstance(hypervisor, SimulatorDriver) else None)
         workers.append(HostWorker(agent, name, hypervisor=hypervisor, storage=storage, network=network,
                                   faults=faults))
     return workers

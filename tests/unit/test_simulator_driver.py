@@ -67,3 +67,47 @@ def test_parse_capabilities():
     assert parsed["domain_types"] == {"x86_64": {"qemu", "kvm"}, "i686": {"qemu"}}
     assert parse_capabilities("<capabilities><host/></capabilities>")["domain_types"] == {}
     assert parse_capabilities("<capabilities><host/></capabilities>")["tsc_mhz"] is None
+
+
+def test_persisted_simulated_host_keeps_domains_and_disks_across_a_new_driver(tmp_path):
+    """--sim-persist: a crashed agent's successor finds the domains and disks (as real guests outlive an agent);
+    a domain that was shutting down is gone."""
+    from hostagent.drivers.hypervisor import DiskDevice, DomainDescription, DomainOwner
+    from hostagent.drivers.storage.simulator import SimulatorStorageDriver
+
+    state = str(tmp_path / "simulator" / "h1.json")
+
+    def drivers() -> tuple[SimulatorDriver, SimulatorStorageDriver]:
+        sizes: dict[str, int] = {}
+        hypervisor = SimulatorDriver(SimulatedCapacity(), FaultInjector(), version="1", disk_sizes=sizes,
+                                     state_file=state, stop_seconds=30)
+        return hypervisor, SimulatorStorageDriver(FaultInjector(), capacity_bytes=1, disk_sizes=sizes,
+                                                  saved=hypervisor.save)
+
+    def description(n: int) -> DomainDescription:
+        return DomainDescription(uuid=f"u{n}", name=f"vm{n}", owner=DomainOwner("ns", f"vm{n}", f"u{n}", "h1"),
+                                 cpus=1, memory_mib=256, cpu_shares=1024,
+                                 disks=(DiskDevice(volume=f"root{n}", path=f"/sim/root{n}", target="vda"),))
+
+    async def first() -> None:
+        hypervisor, storage = drivers()
+        await storage.create_disk("/sim/root1", 10)
+        await storage.create_disk("/sim/root2", 20)
+        await hypervisor.start(description(1))
+        await hypervisor.start(description(2))
+        await hypervisor.shutdown("u2")  # still powering off when the agent dies
+        await storage.delete_disk("/sim/root2")
+        await hypervisor.close()
+
+    async def second() -> None:
+        hypervisor, storage = drivers()
+        domains = await hypervisor.domains()
+        assert [(d.uuid, d.state, d.owner.name, d.disks[0].path) for d in domains] == [
+            ("u1", "running", "vm1", "/sim/root1")]
+        assert (await storage.disk_info("/sim/root1")).virtual_size == 10
+        assert await storage.disk_info("/sim/root2") is None
+        started = await hypervisor.start(description(3))
+        assert started.id not in {d.id for d in domains}  # run ids stay unique
+
+    asyncio.run(first())
+    asyncio.run(second())

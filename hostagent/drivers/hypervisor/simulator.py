@@ -13,18 +13,26 @@ operation first asks the host's :class:`~hostagent.faults.FaultInjector`. Operat
   simulator, which must run in the same agent process (:data:`PEERS`, filled as the hosts' drivers are made)
 
 The storage simulator adds ``download`` (template downloads) and ``create-volume``.
+
+With a ``state_file`` (``cumulo-agent --sim-persist``) the host's domains and disks are kept in a JSON file,
+rewritten atomically on every change and read back on start: like real guests and disks, they outlive a crash of
+the agent, so a restarted agent has domains to adopt (the fault-injection harness, benchmarks/chaos.py,
+relies on it), and the file shows from outside which domains run on which host.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import os
 import platform
 
 from controllers.api.v1alpha1.common import HypervisorType
 
 from ...faults import FaultInjector, InjectedFailure
-from . import DiskDevice, Domain, DomainDescription, DomainState, HostFacts, HypervisorError, MigrationTarget
+from . import (DiskDevice, Domain, DomainDescription, DomainOwner, DomainState, HostFacts, HypervisorError,
+               MigrationTarget)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +58,7 @@ class SimulatorDriver:
     def __init__(self, capacity: SimulatedCapacity, faults: FaultInjector, *, version: str,
                  call_timeout: float = 30.0, start_seconds: float = 0.0, stop_seconds: float = 0.0,
                  disk_sizes: dict[str, int] | None = None, host: str | None = None,
-                 migrate_seconds: float = 0.0) -> None:
+                 migrate_seconds: float = 0.0, state_file: str | None = None) -> None:
         self.capacity = capacity
         self.migrate_seconds = migrate_seconds
         if host is not None:
@@ -66,6 +74,39 @@ class SimulatorDriver:
         self.disk_sizes = disk_sizes if disk_sizes is not None else {}
         self._stopping: dict[str, asyncio.TimerHandle] = {}
         self._next_id = 1
+        self.state_file = state_file
+        if state_file is not None:
+            self._load(state_file)
+
+    # -- persistence (--sim-persist) -----------------------------------------------------------------
+
+    def _load(self, path: str) -> None:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return
+        for raw in data.get("domains", []):
+            if raw["state"] == DomainState.STOPPING:
+                continue  # its shutdown finished while nobody watched
+            owner = DomainOwner(**raw["owner"]) if raw.get("owner") else None
+            domain = Domain(uuid=raw["uuid"], name=raw["name"], state=raw["state"], owner=owner,
+                            disks=tuple(DiskDevice(**disk) for disk in raw.get("disks", [])),
+                            console_log=raw.get("console_log"), id=raw.get("id"))
+            self._domains[domain.uuid] = domain
+        self.disk_sizes.update(data.get("disks", {}))
+        self._next_id = max([self._next_id, *(d.id + 1 for d in self._domains.values() if d.id)])
+
+    def save(self) -> None:
+        """Write the host's domains and disks (no-op without a state file); a reader sees the old or new file."""
+        if self.state_file is None:
+            return
+        data = {"domains": [dataclasses.asdict(d) for d in self._domains.values()], "disks": self.disk_sizes}
+        temporary = f"{self.state_file}.tmp"
+        os.makedirs(os.path.dirname(self.state_file), exist_ok=True)
+        with open(temporary, "w") as f:
+            json.dump(data, f)
+        os.replace(temporary, self.state_file)
 
     async def _operation(self, operation: str) -> None:
         try:
@@ -105,6 +146,7 @@ class SimulatorDriver:
                         id=self._next_id)
         self._next_id += 1
         self._domains[description.uuid] = domain
+        self.save()
         return domain
 
     async def shutdown(self, uuid: str) -> None:
@@ -117,6 +159,7 @@ class SimulatorDriver:
             self._remove(uuid)
             return
         self._domains[uuid] = dataclasses.replace(self._domains[uuid], state=DomainState.STOPPING)
+        self.save()
         self._stopping[uuid] = asyncio.get_running_loop().call_later(self.stop_seconds, self._remove, uuid)
 
     def _remove(self, uuid: str) -> None:
@@ -124,6 +167,7 @@ class SimulatorDriver:
         handle = self._stopping.pop(uuid, None)
         if handle is not None:
             handle.cancel()
+        self.save()
 
     async def destroy(self, uuid: str) -> None:
         if uuid not in self._domains:
@@ -150,6 +194,7 @@ class SimulatorDriver:
         if any(d.target == disk.target or d.path == disk.path for d in domain.disks):
             raise HypervisorError(f"target {disk.target} or {disk.path} is already in use")
         self._domains[uuid] = dataclasses.replace(domain, disks=(*domain.disks, disk))
+        self.save()
 
     async def detach_disk(self, uuid: str, disk: DiskDevice) -> None:
         if uuid not in self._domains:
@@ -159,6 +204,7 @@ class SimulatorDriver:
         if domain is not None:
             self._domains[uuid] = dataclasses.replace(
                 domain, disks=tuple(d for d in domain.disks if d.target != disk.target))
+            self.save()
 
     async def block_resize(self, uuid: str, path: str, size_bytes: int) -> None:
         domain = self._running(uuid)
@@ -167,6 +213,7 @@ class SimulatorDriver:
         await self._operation("resize")
         if path in self.disk_sizes:
             self.disk_sizes[path] = max(self.disk_sizes[path], size_bytes)
+            self.save()
 
     async def migrate(self, uuid: str, target: MigrationTarget) -> None:
         domain = self._running(uuid)
@@ -184,6 +231,7 @@ class SimulatorDriver:
                 peer.disk_sizes[copy] = self.disk_sizes[source]
         peer._domains[uuid] = dataclasses.replace(domain, owner=owner, disks=disks, id=peer._next_id)
         peer._next_id += 1
+        peer.save()
         self._remove(uuid)
 
     async def domain_at(self, uuid: str, target: MigrationTarget) -> Domain | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+import typing as t
 
 from controllers.api.v1alpha1.host import StorageReport
 
@@ -20,12 +21,14 @@ SIMULATED_IMAGE_BYTES = 1024**3
 
 class SimulatorStorageDriver:
     def __init__(self, faults: FaultInjector, *, capacity_bytes: int, call_timeout: float = 30.0,
-                 disk_sizes: dict[str, int] | None = None) -> None:
+                 disk_sizes: dict[str, int] | None = None, saved: t.Callable[[], None] | None = None) -> None:
         self.faults = faults
         self.capacity_bytes = capacity_bytes
         self.call_timeout = call_timeout
         # path -> virtual size; shared with the host's simulator hypervisor (live resizes)
         self.disk_sizes = disk_sizes if disk_sizes is not None else {}
+        # Called after each change of disk_sizes: the hypervisor driver's save (--sim-persist).
+        self.saved = saved or (lambda: None)
         self.templates: set[str] = set()
 
     async def _operation(self, operation: str, error: type[Exception] = StorageError) -> None:
@@ -48,15 +51,18 @@ class SimulatorStorageDriver:
     async def create_disk(self, path: str, size_bytes: int, base: BaseImageRef | None = None) -> None:
         await self._operation("create-volume")
         self.disk_sizes.setdefault(path, size_bytes)
+        self.saved()
 
     async def resize_disk(self, path: str, size_bytes: int) -> None:
         if path not in self.disk_sizes:
             raise StorageError(f"disk {path} does not exist")
         await self._operation("resize")
         self.disk_sizes[path] = max(self.disk_sizes[path], size_bytes)
+        self.saved()
 
     async def delete_disk(self, path: str) -> None:
-        self.disk_sizes.pop(path, None)
+        if self.disk_sizes.pop(path, None) is not None:
+            self.saved()
 
     async def download_template(self, request: DownloadRequest, progress: Progress,
                                 cancel: threading.Event) -> DownloadResult:
