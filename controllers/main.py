@@ -26,6 +26,22 @@ from controllers.runtime import Kind, Runtime
 log = logging.getLogger("cumulo.controller")
 
 
+async def until_done(step: t.Callable[[], t.Awaitable[t.Any]], what: str, *, first: float = 1.0,
+                     most: float = 30.0, sleep: t.Callable[[float], t.Awaitable[None]] = asyncio.sleep) -> t.Any:
+    """Run ``step`` (the start-up LISTs) until it succeeds, backing off from ``first`` to ``most`` seconds.
+
+    A controller restarted while kube-apiserver restarts too finds it away; left to kopf, a failed start-up
+    handler is retried only after 60 s, a minute in which nothing is reconciled."""
+    delay = first
+    while True:
+        try:
+            return await step()
+        except Exception as error:  # noqa: BLE001 (whatever the client raises while the API is away)
+            log.warning("%s failed (%s: %s); retrying in %.0f s", what, type(error).__name__, error, delay)
+            await sleep(delay)
+            delay = min(delay * 2, most)
+
+
 def register(registry: kopf.OperatorRegistry, options: argparse.Namespace,
              stop_flag: asyncio.Event | None = None) -> dict[str, t.Any]:
     """Register the handlers; the returned dict holds the runtime (and the elector), for main and tests."""
@@ -54,15 +70,15 @@ def register(registry: kopf.OperatorRegistry, options: argparse.Namespace,
         runtime.reconcilers["hosts"].alert_after_seconds = options.host_alert_after
         runtime.reconcilers["hosts"].down_after_seconds = options.host_down_after
         metrics.watch_runtime(runtime)
-        await webhook.setup(settings, options, runtime.api.client)
+        await until_done(lambda: webhook.setup(settings, options, runtime.api.client), "setting up the webhook")
         if not options.leader_elect:
-            await runtime.start()
+            await until_done(runtime.start, "loading the store")
             state["runtime"] = runtime
             log.info("primed %d kinds; reconciling with %d workers", len(kinds.ALL), options.workers)
             return
         # A standby loads the store now (kopf's watches start after this handler and keep it current) and
         # starts reconciling only once it holds the Lease.
-        await runtime.load()
+        await until_done(runtime.load, "loading the store")
         state["runtime"] = runtime
         state["leader_task"] = asyncio.create_task(lead(runtime), name="leader-election")
 
