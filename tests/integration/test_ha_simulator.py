@@ -6,6 +6,7 @@ in-memory storage heartbeat "pool"; a controller of the module's own with short 
 2. It stops writing its storage heartbeat too: its agent fences itself (destroys the HA guest's domain), the
    neighbours read the heartbeat stale, the host is Down; the HA guest on shared storage is placed on another host
    exactly once and runs there; the non-HA guest and the HA guest on local storage stay, stopped, with reasons.
+   A controller crash then changes nothing (the host stays Down, no guest is placed again).
 3. host-0 comes back: Up again, and its agent does not start the moved guest (a direct GET first).
 """
 
@@ -49,12 +50,12 @@ def test_ha_restart_only_when_both_heartbeats_are_stale(control_plane, system_na
         tmp_path / "controller.log")
     try:
         controller.wait_for_log("reconciling with", timeout=60)
-        run_scenario(control_plane, cloud, agents)
+        run_scenario(control_plane, cloud, agents, controller)
     finally:
         controller.stop()
 
 
-def run_scenario(control_plane, cloud: Cloud, agents) -> None:
+def run_scenario(control_plane, cloud: Cloud, agents, controller: CumuloProcess) -> None:
     custom = cloud.custom
     zone, pod, cluster, base = unique("zone"), unique("pod"), unique("ha"), unique("hahost")
     hosts = [f"{base}-{index}" for index in range(3)]
@@ -176,6 +177,13 @@ def run_scenario(control_plane, cloud: Cloud, agents) -> None:
             ready = condition(obj, "Ready")
             assert ready["reason"] == reason and hosts[0] in ready["message"], ready
             assert obj["status"]["placement"]["host"] == hosts[0]
+
+        # A controller crash now changes nothing: the host stays Down, nothing is placed again.
+        controller.restart(kill=True)
+        wait_for(lambda: controller.log().count("reconciling with") == 2, timeout=60, what="the controller back")
+        time.sleep(8)
+        assert cloud.get("hosts", hosts[0])["status"]["state"] == "Down"
+        assert len(history[guests["ha"]]) == 2 and phase(guests["ha"]) == "Running", history
 
         # 3. host-0 comes back: Up, and it does not start the moved guest.
         set_faults(cloud, hosts[0], None)
