@@ -14,8 +14,10 @@
   controller may have restarted the guest elsewhere meanwhile). The controller's Down threshold is longer (see
   controllers/hainvestigation.py), so a host found Down has no HA guest running.
 
-Heartbeat stores sit behind :class:`HeartbeatStore`; an RBD one (an object ``cumulo-heartbeat.<host>`` written with
-rados) fits the same interface and is left for when the RBD storage driver lands.
+Heartbeat stores sit behind :class:`HeartbeatStore`: files (:class:`FileHeartbeatStore`), memory (simulated hosts)
+and RADOS objects ``cumulo-heartbeat.<host>`` in an RBD pool's Ceph pool (:class:`RadosHeartbeatStore`, through the
+pool's RBD storage driver; used once the agent runs RBD pools, which it does not yet: the inventory reports them
+unsupported).
 """
 
 from __future__ import annotations
@@ -127,6 +129,62 @@ class MemoryHeartbeatStore:
 
     async def read(self, pool: HeartbeatPool, host: str) -> float | None:
         return self.shared.get((pool.name, host))
+
+
+class RadosHeartbeatStore:
+    """An object ``cumulo-heartbeat.<host>`` per host in the Ceph pool of an RBD StoragePool, written and read
+    through that pool's :class:`~hostagent.drivers.storage.rbd.RbdStorageDriver` (its connection and threads).
+    ``drivers``: the pool's driver by StoragePool name, None when the agent has none for it."""
+
+    OBJECT = "cumulo-heartbeat.{host}"
+
+    def __init__(self, drivers: t.Callable[[str], t.Any]) -> None:
+        self.drivers = drivers
+
+    def _driver(self, pool: HeartbeatPool) -> t.Any:
+        driver = self.drivers(pool.name)
+        if driver is None:
+            raise HeartbeatError(f"no RBD driver for pool {pool.name}")
+        return driver
+
+    async def _run(self, pool: HeartbeatPool, function: t.Callable[[t.Any], t.Any]) -> t.Any:
+        from .drivers.storage import StorageError  # the RBD driver's errors
+
+        driver = self._driver(pool)
+
+        def call() -> t.Any:
+            with driver.ioctx() as ioctx:
+                return function(ioctx)
+
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(call), IO_TIMEOUT)
+        except StorageError as error:
+            raise HeartbeatError(str(error)) from None
+        except TimeoutError:
+            raise HeartbeatError(f"Ceph pool {pool.path}: no answer within {IO_TIMEOUT:g}s") from None
+        except Exception as error:  # rados.Error and its kin, without importing rados here
+            raise HeartbeatError(f"Ceph pool {pool.path}: {error}") from None
+
+    async def write(self, pool: HeartbeatPool, host: str, stamp: float) -> None:
+        data = f"{stamp:.3f}\n".encode()
+        await self._run(pool, lambda ioctx: ioctx.write_full(self.OBJECT.format(host=host), data))
+
+    async def read(self, pool: HeartbeatPool, host: str) -> float | None:
+        def read(ioctx: t.Any) -> bytes | None:
+            import rados
+
+            try:
+                return ioctx.read(self.OBJECT.format(host=host), 64)
+            except rados.ObjectNotFound:
+                return None
+
+        data = await self._run(pool, read)
+        if data is None:
+            return None
+        try:
+            return float(data.decode().strip())
+        except ValueError:
+            raise HeartbeatError(f"Ceph pool {pool.path}: {self.OBJECT.format(host=host)} holds no timestamp") from None
 
 
 def should_fence(now: float, lease_ok_at: float, storage_ok_at: float, fence_after: float, has_pools: bool) -> bool:
