@@ -11,6 +11,12 @@ Nothing is shared between instances or with a system libvirtd.
 namespace (``ip netns exec``), so QEMU's taps are made there and plug into the host's bridges; the sockets are
 files in the work directory, reached from any namespace.
 
+``listen``: an address of the namespace (a lab host's underlay address) on which this libvirtd accepts peers for live
+migration: ``listen_tcp`` there with ``auth_tcp = "none"`` (tests only; production uses TLS), its own ``host_uuid``
+(two daemons of one machine would otherwise share the SMBIOS UUID and libvirt refuses to migrate to "the same
+host"), and ``migration_host`` set to the address (else the source's QEMU connects to the hostname, which resolves
+to 127.0.0.1).
+
 Two modes, like :mod:`cumulo.envtest`:
 
 * attached (``start()``, or a context manager): libvirtd dies with the Python process, even when that
@@ -47,6 +53,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +104,7 @@ class PrivateLibvirtd:
     """One private libvirtd. Use as a context manager, or start()/stop()."""
 
     def __init__(self, workdir: Path | str | None = None, *, cache_dir: Path | None = None,
-                 netns: str | None = None) -> None:
+                 netns: str | None = None, listen: str | None = None) -> None:
         # A short path: the socket path must fit in sun_path (108 bytes).
         self._owns_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="cumulo-lv-")).absolute()
@@ -107,6 +114,7 @@ class PrivateLibvirtd:
         self.startup_seconds: float | None = None  # None when start() found one running
         # A simulated host's network namespace: libvirtd (and so QEMU and its taps) runs inside it.
         self.netns = netns
+        self.listen = listen  # TCP address for live migration peers (see the module docstring)
 
     @property
     def socket(self) -> Path:
@@ -159,6 +167,8 @@ class PrivateLibvirtd:
             'auth_unix_rw = "none"\n'
             'auth_unix_ro = "none"\n'
             'log_outputs = "3:stderr"\n'  # warnings and errors, into libvirtd.log
+            + (f'listen_tls = 0\nlisten_tcp = 1\nlisten_addr = "{self.listen}"\nauth_tcp = "none"\n'
+               f'host_uuid = "{uuid.uuid5(uuid.NAMESPACE_URL, str(self.workdir))}"\n' if self.listen else "")
         )
         (etc / "qemu.conf").write_text(
             'user = "root"\n'
@@ -167,6 +177,7 @@ class PrivateLibvirtd:
             'remember_owner = 0\n'
             'stdio_handler = "file"\n'  # no virtlogd
             'security_driver = "none"\n'  # no AppArmor/SELinux here
+            + (f'migration_host = "{self.listen}"\nmigration_address = "{self.listen}"\n' if self.listen else "")
         )
         cache = self.workdir / "cache" / CAPABILITIES
         cache.mkdir(parents=True, exist_ok=True)
@@ -186,7 +197,7 @@ class PrivateLibvirtd:
                   f"mount --bind {self.workdir / 'group'} /etc/group"]
         mounts += [f"mount --bind {self.workdir / name} {target}" for name, target in SYSTEM_DIRS.items()]
         return "set -e\n" + "\n".join(mounts) + (
-            f"\nexec libvirtd --config {self.workdir / 'etc' / 'libvirtd.conf'} "
+            f"\nexec libvirtd {'--listen ' if self.listen else ''}--config {self.workdir / 'etc' / 'libvirtd.conf'} "
             f"--pid-file {self.workdir / 'libvirtd.pid'}\n")
 
     def start(self, timeout: float = 60.0, *, detach: bool = False) -> PrivateLibvirtd:

@@ -8,11 +8,12 @@ everything it needs in ``status.plan``; the agent reports under ``status.node`` 
   in place, the guest's files (console log, config drive) are prepared, and the disks that move (local storage)
   are created empty, of the same virtual size, where the plan says; the report gives the files' paths.
 * ``Migrating`` (label: the source): the hypervisor live-migrates the domain peer to peer (memory only on shared
-  storage, with block copy of the moving disks on local storage). On success the source copies of the moved
-  disks are deleted (only then), and the report says so; on failure the domain keeps running here and the report
-  carries the hypervisor's reason. An agent restarted in the middle finds the outcome in the hypervisors: the
+  storage, with block copy of the moving disks on local storage); on failure the domain keeps running here and the
+  report carries the hypervisor's reason. An agent restarted in the middle finds the outcome in the hypervisors: the
   domain running at the target is a success, running here a failure (libvirt aborts a peer-to-peer job whose
   client went away), exactly one of them runs.
+* ``Succeeded`` with disks copied (label: the source): once the Volumes name their new place, the source copies
+  are deleted (only then).
 * ``Failed`` with copies made (label: the target): the pre-created disks are deleted.
 
 Each step is idempotent: a repeated reconcile finds the work done and reports the same.
@@ -75,6 +76,8 @@ class MigrationReconciler(ObjectReconciler):
             value = await self._migrate(key, status, worker)
         elif status.phase == MigrationPhase.FAILED and host == plan.target_host and not status.cleaned_up:
             value = await self._clean_up(key, status, worker)
+        elif status.phase == MigrationPhase.SUCCEEDED and host == plan.source_host and not status.cleaned_up:
+            value = await self._clean_source(key, obj["metadata"].get("namespace", ""), status, worker)
         else:
             return None
         await self.report(key, obj, value)
@@ -183,11 +186,29 @@ class MigrationReconciler(ObjectReconciler):
                                                         "still_here": here is not None and here.active})
             return {**report, "done": True, "message": message}
         seconds = round(time.monotonic() - started, 2)
-        for disk in plan.disks:
-            try:
-                await worker.storage.delete_disk(disk.source_path)
-            except StorageError as error:
-                log.warning("cannot remove a migrated disk's source copy", extra={"path": disk.source_path,
-                                                                                  "error": str(error)})
         log.info("live migration done", extra={"object": key, "target": plan.target_host, "seconds": seconds})
         return {**report, "done": True, "succeeded": True, "seconds": seconds}
+
+    async def _clean_source(self, key: str, namespace: str, status: VirtualMachineMigrationStatus,
+                            worker: HostWorker) -> dict[str, t.Any]:
+        """After the move is recorded (the Volumes name the target): the source copies of the moved disks go. Not
+        before: until then this host's Volume reconciler would take a missing disk for one to create."""
+        plan = status.plan
+        assert plan is not None
+        report: dict[str, t.Any] = {"host": worker.name, "step": "CleaningSource"}
+        cached = self.agent.volumes.informer.cache
+        for disk in plan.disks:
+            volume = cached.get(f"{namespace}/{disk.volume}") or {}
+            volume_status = volume.get("status") or {}
+            if volume_status.get("host") == worker.name and volume_status.get("path") == disk.source_path:
+                return {**report, "message": f"waiting for Volume {disk.volume} to name its new place"}
+        try:
+            if (domain := await worker.hypervisor.domain(plan.vm_uid)) is not None and domain.active:
+                return {**report, "done": True, "message": "the domain still runs here; its disks are kept"}
+            for disk in plan.disks:
+                await worker.storage.delete_disk(disk.source_path)
+        except (StorageError, HypervisorError) as error:
+            return {**report, "message": f"cannot remove the source copies: {error}"}
+        self.transition(key, "source", "cleaned", logging.INFO, "migrated disks' source copies removed",
+                        disks=[d.source_path for d in plan.disks])
+        return {**report, "done": True, "succeeded": True}

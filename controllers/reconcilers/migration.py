@@ -83,7 +83,7 @@ class VirtualMachineMigrationReconciler(InventoryReconciler):
             requeue = await self._preparing(mig, vm, status)
         elif phase == MigrationPhase.MIGRATING:
             await self._migrating(mig, vm, status)
-        elif phase == MigrationPhase.FAILED:
+        elif phase in (MigrationPhase.FAILED, MigrationPhase.SUCCEEDED):
             self._cleaning(mig, status)
         await self._write(mig, status)
         await self._label(mig, status)
@@ -114,6 +114,8 @@ class VirtualMachineMigrationReconciler(InventoryReconciler):
             return plan.source_host
         if status.phase == MigrationPhase.FAILED and not status.cleaned_up:
             return plan.target_host
+        if status.phase == MigrationPhase.SUCCEEDED and not status.cleaned_up:
+            return plan.source_host
         return None
 
     async def _label(self, mig: VirtualMachineMigration, status: VirtualMachineMigrationStatus) -> None:
@@ -285,6 +287,7 @@ class VirtualMachineMigrationReconciler(InventoryReconciler):
         status.phase = MigrationPhase.SUCCEEDED.value
         status.completed_at = utcnow()
         status.reason = None
+        status.cleaned_up = not plan.disks  # the source copies of copied disks go next
         seconds = f" in {report.seconds:g}s" if report.seconds is not None else ""
         status.message = f"moved from {plan.source_host} to {plan.target_host}{seconds}"
 
@@ -325,7 +328,9 @@ class VirtualMachineMigrationReconciler(InventoryReconciler):
         plan = status.plan
         if status.cleaned_up or plan is None:
             return
-        if report is not None and report.step == "CleaningUp" and report.host == plan.target_host and report.done:
+        step, host = ("CleaningUp", plan.target_host) if status.phase == MigrationPhase.FAILED else \
+            ("CleaningSource", plan.source_host)
+        if report is not None and report.step == step and report.host == host and report.done:
             status.cleaned_up = True
             if not report.succeeded and report.message:
                 status.message = f"{status.message} (target: {report.message})"

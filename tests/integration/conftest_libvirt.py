@@ -197,8 +197,8 @@ def libvirtd_factory() -> Iterator[Callable[..., PrivateLibvirtd]]:
         pytest.skip(reason=f"no private libvirtd: {reason}")
     started: list[PrivateLibvirtd] = []
 
-    def start(netns: str | None = None) -> PrivateLibvirtd:
-        daemon = PrivateLibvirtd(netns=netns)
+    def start(netns: str | None = None, listen: str | None = None) -> PrivateLibvirtd:
+        daemon = PrivateLibvirtd(netns=netns, listen=listen)
         try:
             daemon.start()
         except LibvirtUnavailable as error:

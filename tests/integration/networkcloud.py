@@ -97,6 +97,7 @@ class NetworkCloud:
         self.lab_hosts: dict[str, LabHost] = {}
         self.agent_processes: dict[str, t.Any] = {}
         self.host_names: dict[str, str] = {}
+        self.extra_args: dict[str, list[str]] = {}
         self.public = lab.add_public(f"{PUBLIC_GATEWAY}/24")
         cloud.create("zones", self.zone, {"networkType": "Basic" if basic else "Advanced", "dns1": "192.0.2.53",
                                           "localStorageEnabled": True})
@@ -129,15 +130,18 @@ class NetworkCloud:
 
     # -- hosts -------------------------------------------------------------------------------------
 
-    def add_host(self, short: str, *, vswitch: str = "linuxbridge", libvirtd: t.Any = None) -> str:
+    def add_host(self, short: str, *, vswitch: str = "linuxbridge", libvirtd: t.Any = None,
+                 extra_args: t.Callable[[LabHost], t.Sequence[str]] | None = None) -> str:
         """A lab host and its agent; ``libvirtd``: a function making the host's PrivateLibvirtd from its
-        namespace name (its agent then runs ``--hypervisor libvirt``)."""
+        namespace name (its agent then runs ``--hypervisor libvirt``); ``extra_args``: more agent options, from
+        the lab host."""
         lab_host = self.lab.add_host(short, vswitch=vswitch)
         name = f"{self.cluster}-{short}"
         self.lab_hosts[name] = lab_host
         self.host_names[short] = name
         if libvirtd is not None:
             self.libvirtds[name] = libvirtd(lab_host.netns)
+        self.extra_args[name] = list(extra_args(lab_host)) if extra_args else []
         pool = str(self.storage / "pools" / name) if self.storage else f"/sim/{name}"
         self.cloud.create("storagepools", f"{name}-local", {"zone": self.zone, "scope": "Host", "type": "Filesystem",
                                                             "host": name, "path": pool})
@@ -152,7 +156,8 @@ class NetworkCloud:
         args = ["--host", name, "--storage-driver", "filesystem" if self.storage else "simulator",
                 *(["--hypervisor", "libvirt", "--libvirt-uri", daemon.uri] if daemon else ["--hypervisor", "netns"]),
                 "--host-netns", lab_host.netns, "--register-cluster", self.cluster, "--heartbeat-interval", "1",
-                "--lease-duration", "5", "--vm-resync", "2", "--state-dir", str(self.tmp_path / name)]
+                "--lease-duration", "5", "--vm-resync", "2", "--state-dir", str(self.tmp_path / name),
+                *self.extra_args.get(name, [])]
         if lab_host.vswitch == "openvswitch":
             from cumulo import ovs
             args += ["--network-driver", "openvswitch", "--ovsdb", ovs.lab_switch(lab_host.netns).db_url]

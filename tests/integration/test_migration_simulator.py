@@ -136,6 +136,11 @@ def test_live_migration_moves_the_guest_and_its_local_volume(sim_zone):
                     what="root volume on the target")
     assert root["storagePool"] == f"{target}-local" and root["path"].startswith(f"/sim/{target}/")
     assert after["launch"]["disks"][0]["path"] == root["path"]
+    # The source copy goes once the volume names its new place; then no agent acts on the record any more.
+    wait_for(lambda: tenant.status("virtualmachinemigrations", "move-web").get("cleanedUp") is True,
+             what="source copy removed")
+    wait_for(lambda: "cumulo.io/host" not in tenant.get("virtualmachinemigrations", "move-web")["metadata"].get(
+        "labels", {}), what="record unbound")
     wait_for(lambda: host_vms(sim_zone, target) == 1 and host_vms(sim_zone, source) == 0,
              what="capacity moved to the target")
     print(f"simulated migration round trip {elapsed:.1f}s")

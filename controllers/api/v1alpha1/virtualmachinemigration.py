@@ -11,7 +11,8 @@ block copy of the disks on local storage). Success moves the placement (and the 
 releases the source; failure leaves the guest running on the source and releases the target.
 
 The agent acting on it is named by the ``cumulo.io/host`` label: the target's while it prepares (or cleans
-up after a failure), the source's while it migrates. That agent reports under ``status.node``.
+up after a failure), the source's while it migrates (and removes the source copies of copied disks after a
+success). That agent reports under ``status.node``.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ class VirtualMachineMigrationStatus(ResourceStatus):
     completed_at: datetime.datetime | None = Field(None, description="When it reached Succeeded or Failed.")
     reason: str | None = Field(None, description="Why it failed (a condition reason), when Failed.")
     message: str = Field("", description="What happened, in words.")
-    cleaned_up: bool = Field(False, description="Failed: what was prepared on the target has been removed.")
+    cleaned_up: bool = Field(False, description="What is left to remove is gone: after a failure the disks prepared "
+                             "on the target, after a success the source copies of the copied disks.")
     node: MigrationReport | None = Field(None, description="What the acting agent reports.")
 
 

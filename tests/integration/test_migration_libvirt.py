@@ -1,0 +1,177 @@
+"""Live migration of real guests (libvirt/QEMU TCG, the tiny test guest) through the whole stack: two lab hosts h1
+and h2 each run a private libvirtd in their own network and mount namespaces, listening for migration peers on
+their underlay addresses (cumulo.libvirtd ``listen``); a netns guest on h3 fetches the real guests' HTTP status page
+(hostname, boot count, uptime) across the VXLAN network before, during and after each move.
+
+* ``sh``: root disk on a SharedMountPoint pool both hosts see: memory-only live migration.
+* ``lo``: root disk on its host's local pool: live migration with block copy into the other host's local pool (the
+  disk pre-created by the target's agent); the Volume moves (pool, host, path) and the source file is removed after
+  success.
+
+The planner chooses the target (the other libvirt host: the KVM template fits no other). Each guest keeps its IP
+and MAC, its service keeps answering, its uptime keeps growing and its boot count stays 1 (no reboot), and the
+domain runs on the target's libvirtd only. Slow (two TCG boots): one test."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import libvirt
+import pytest
+
+pytest.register_assert_rewrite("conftest_libvirt", "networkcloud")
+from conftest_libvirt import wait_for  # noqa: E402
+from networkcloud import ISOLATED_SERVICES, NetworkCloud, tcp  # noqa: E402
+
+from cumulo import guestimage  # noqa: E402
+
+pytest_plugins = ["conftest_libvirt", "conftest_netlab"]
+pytestmark = [pytest.mark.usefixtures("controller", "system_namespace"), pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def guest() -> guestimage.TinyGuest:
+    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils")):
+        if shutil.which(tool) is None:
+            pytest.skip(reason=f"{tool} is not installed (Debian package {package}; run hack/install-system-deps)")
+    return guestimage.ensure_tiny_guest(log=lambda message: print(f"[tiny guest] {message}"))
+
+
+def status_page(netns: str, address: str) -> dict[str, str] | None:
+    """The guest's /cgi-bin/status (key=value lines), fetched from inside ``netns``."""
+    answer = tcp(netns, address, 80, f"GET /cgi-bin/status HTTP/1.0\r\nHost: {address}\r\n\r\n", 3.0)
+    if not answer:
+        return None
+    body = re.split(r"\r?\n\r?\n", answer, maxsplit=1)[-1]
+    page = dict(re.findall(r"([\w-]+)=(\S+)", body))
+    return page if "uptime" in page else None
+
+
+class Prober:
+    """Polls a guest's status page in the background; records (time, page or None)."""
+
+    def __init__(self, netns: str, address: str) -> None:
+        self.netns, self.address = netns, address
+        self.answers: list[tuple[float, dict[str, str] | None]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.answers.append((time.monotonic(), status_page(self.netns, self.address)))
+            self._stop.wait(0.3)
+
+    def __enter__(self) -> Prober:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def longest_gap(self) -> float:
+        """The longest time between two answers."""
+        times = [at for at, page in self.answers if page is not None]
+        return max((b - a for a, b in zip(times, times[1:])), default=float("inf"))
+
+
+def domain_ids(uri: str) -> set[str]:
+    connection = libvirt.open(uri)
+    try:
+        return {d.UUIDString() for d in connection.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
+    finally:
+        connection.close()
+
+
+def test_live_migration_of_real_guests_shared_and_block_copy(netlab, cloud, kube, control_plane, agents,
+                                                           libvirtd_factory, guest: guestimage.TinyGuest,
+                                                           tmp_path: Path) -> None:
+    started = time.monotonic()
+    storage = tmp_path / "disks"
+    nc = NetworkCloud(cloud, kube, control_plane, agents, netlab, tmp_path, hosts=("h3",), storage=storage,
+                      image=guest.disk)
+
+    def libvirt_host(short: str) -> str:
+        def daemon(netns: str):
+            address = next(h.underlay_ip for h in netlab.hosts.values() if h.netns == netns)
+            return libvirtd_factory(netns=netns, listen=address)
+
+        return nc.add_host(short, libvirtd=daemon, extra_args=lambda host: ["--private-ip", host.underlay_ip])
+
+    h1, h2 = libvirt_host("h1"), libvirt_host("h2")
+    shared_dir = storage / "shared"
+    shared_dir.mkdir(parents=True)
+    cloud.create("storagepools", f"{nc.cluster}-shared", {"zone": nc.zone, "scope": "Cluster",
+                                                          "type": "SharedMountPoint", "cluster": nc.cluster,
+                                                          "path": str(shared_dir)})
+    shared_offering = f"{nc.offering}-shared"
+    cloud.create("serviceofferings", shared_offering, {"cpuNumber": 1, "cpuSpeedMHz": 1000, "memoryMiB": 256,
+                                                       "storageType": "shared"})
+    nc.create("templates", "Template", "tiny", {
+        "url": guest.disk.as_uri(), "format": "QCOW2", "zone": nc.zone, "hypervisor": "KVM",
+        "checksum": f"sha256:{guest.disk_sha256}",
+        "directKernelBoot": {"kernel": {"url": guest.kernel.as_uri()}, "initrd": {"url": guest.initrd.as_uri()},
+                             "cmdline": guest.cmdline}})
+    wait_for(lambda: nc.status("templates", "tiny").get("state") == "Ready", timeout=60, what="template tiny Ready")
+    nc.network("web", nc.network_offering("Isolated", ISOLATED_SERVICES))
+    # Not pinned (a pinned guest cannot move): the KVM template fits the two libvirt hosts only.
+    nc.vm("sh", ["web"], template={"name": "tiny"}, serviceOffering=shared_offering)
+    nc.vm("lo", ["web"], template={"name": "tiny"})
+    nc.vm("peer", ["web"], host="h3")
+    nc.running("sh", "lo", "peer", timeout=180)
+    peer = nc.guest_netns("peer")
+    daemons = nc.libvirtds
+
+    for name, block_copy in (("sh", False), ("lo", True)):
+        before = nc.status("virtualmachines", name)
+        source = before["placement"]["host"]
+        target = h2 if source == h1 else h1
+        address = nc.nic(name)["ipAddress"]
+        first = wait_for(lambda: status_page(peer, address), timeout=240, interval=1,
+                         what=f"{name}'s status page from the netns guest")
+        assert first["hostname"] == name and first["boot-count"] == "1", first
+        root_before = nc.status("volumes", f"{name}-root")
+        moving_started = time.monotonic()
+        with Prober(peer, address) as prober:
+            nc.create("virtualmachinemigrations", "VirtualMachineMigration", f"move-{name}",
+                      {"virtualMachine": {"name": name}})
+            done = wait_for(lambda: (s := nc.status("virtualmachinemigrations", f"move-{name}")).get("phase")
+                            in ("Succeeded", "Failed") and s, timeout=240, interval=0.5, what=f"move-{name} ends")
+            assert done["phase"] == "Succeeded", done
+            moved = wait_for(lambda: (s := nc.status("virtualmachines", name)).get("phase") == "Running"
+                             and (s.get("node") or {}).get("host") == target and s, timeout=60,
+                             what=f"{name} Running on {target}")
+            time.sleep(2)  # a few answers from the target too
+        took = time.monotonic() - moving_started
+        during = [page for at, page in prober.answers if page is not None]
+        assert during, f"{name}: no answer at all while migrating: {prober.answers[-5:]}"
+        assert prober.longest_gap() < 15, f"{name}: the service stopped answering for {prober.longest_gap():.1f}s"
+        after = wait_for(lambda: status_page(peer, address), timeout=30, what=f"{name}'s page after the move")
+        assert float(after["uptime"]) > float(first["uptime"]), (first, after)
+        assert after["boot-count"] == "1" and after["instance-id"] == first["instance-id"], after
+        # Same IP and MAC; the domain runs on the target's libvirtd only.
+        assert moved["nics"] == before["nics"] and moved["placement"]["host"] == target
+        uid = nc.get("virtualmachines", name)["metadata"]["uid"]
+        assert uid in domain_ids(daemons[target].uri) and uid not in domain_ids(daemons[source].uri)
+        assert done["sourceHost"] == source and done["targetHost"] == target
+        root = nc.status("volumes", f"{name}-root")
+        if block_copy:
+            assert [d["volume"] for d in done["plan"]["disks"]] == [f"{name}-root"]
+            assert root["host"] == target and root["storagePool"] == f"{target}-local"
+            assert root["path"] != root_before["path"] and Path(root["path"]).exists()
+            wait_for(lambda: nc.status("virtualmachinemigrations", f"move-{name}").get("cleanedUp") is True,
+                     what="the source copy removed")
+            assert not Path(root_before["path"]).exists()
+            assert moved["launch"]["disks"][0]["path"] == root["path"]
+        else:
+            assert done["plan"].get("disks", []) == []
+            assert root["path"] == root_before["path"] and root["storagePool"] == f"{nc.cluster}-shared"
+        print(f"{name}: {'block copy' if block_copy else 'shared storage'} migration {source} -> {target} took "
+              f"{took:.1f}s (hypervisor {done['node'].get('seconds') if done.get('node') else '?'}s); longest "
+              f"service gap {prober.longest_gap():.1f}s over {len(prober.answers)} probes; uptime "
+              f"{first['uptime']} -> {after['uptime']}")
+    print(f"total {time.monotonic() - started:.1f}s")
