@@ -20,6 +20,11 @@ has renewed neither its Lease nor its storage heartbeat for ``fence_after`` seco
 both silent for ``down_after`` > ``fence_after`` + one heartbeat interval + one check interval, so by then the
 agent, if it runs at all, has fenced. Heartbeat stamps are wall-clock times compared across hosts: hosts keep
 their clocks in sync (NTP), as CloudStack's heartbeat file assumes; a skew eats into that margin.
+
+Limits: the fencing is done by the agent, so an agent process that is dead or hung for ``down_after`` while its
+QEMU processes run is taken for a dead host (CloudStack adds a check of the guests' disk activity; not done here):
+run the agent under a supervisor that restarts it well within ``down_after``. A guest whose live migration is under
+way when its source is found Down stays Migrating until the migration ends or fails.
 """
 
 from __future__ import annotations
@@ -110,8 +115,9 @@ def verdict(suspect: str, pools: list[HeartbeatPool], asked: t.Mapping[str, list
             if read.readable and read.fresh:
                 return Verdict(Outcome.ALIVE, Check.failed(
                     "StorageHeartbeatFresh",
-                    f"the Lease expired but host {neighbour} reads a fresh storage heartbeat of {suspect} on pool "
-                    f"{pool.name}: the host is alive and cut off from the API; nothing is restarted"))
+                    f"the Lease expired but host {neighbour} reads a storage heartbeat of {suspect} on pool "
+                    f"{pool.name} written within {down_after:g}s: the host is taken as alive and cut off from the "
+                    "API; nothing is restarted unless both heartbeats stay silent that long"))
             if read.readable:
                 stale.setdefault(pool.name, neighbour)
             else:
@@ -148,8 +154,8 @@ def on_down_host(host: str, ha: bool, pool: str | None, local: bool) -> tuple[Do
     elsewhere; one on local storage, or not HA-enabled, stays placed there, stopped, with a reason."""
     if local:
         return DownAction.KEEP, Check.failed(
-            "LocalStorage", f"host {host} is Down and the root disk is on local pool {pool}: the guest cannot restart "
-            f"elsewhere; it starts again when {host} is back")
+            "LocalStorage", f"host {host} is Down and a disk of the guest is on its local pool {pool}: the guest "
+            f"cannot restart elsewhere; it starts again when {host} is back")
     if not ha:
         return DownAction.KEEP, Check.failed(
             "HostDown", f"host {host} is Down; the guest is not HA-enabled (spec.haEnabled, or the offering's "

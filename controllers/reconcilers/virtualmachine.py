@@ -347,10 +347,12 @@ class VirtualMachineReconciler(InventoryReconciler):
         placement = status.placement
         if placement is None or not placement.host or not self._fenced(vm):
             return None
-        pool = self.store.get("storagepools", placement.storage_pool) if placement.storage_pool else None
-        local = pool is not None and pool.spec.scope == PoolScope.HOST
+        root, data = self._volumes(vm)
+        pools = [placement.storage_pool, *(v.status.storage_pool for v in [root, *data] if v is not None)]
+        local = next((name for name in pools if name and (pool := self.store.get("storagepools", name)) is not None
+                      and pool.spec.scope == PoolScope.HOST), None)
         action, check = hainvestigation.on_down_host(placement.host, self._ha_enabled(vm, offering),
-                                                     placement.storage_pool, local)
+                                                     local or placement.storage_pool, local is not None)
         if action == hainvestigation.DownAction.KEEP:
             checks[SCHEDULED] = Check.passed("Scheduled", f"placed on host {placement.host}")
             return check, VmPhase.STOPPED
