@@ -7,8 +7,8 @@ zone's image stores, presence of its zone's traffic-label bridges. It gathers ev
 or at once when something it depends on changes, and patches only when the report says something
 new (or to refresh reportedAt every ``report_refresh`` seconds).
 
-The reconcilers (:mod:`.templates`, :mod:`.volumes`, :mod:`.vms`) watch the Templates, Volumes and
-VirtualMachines labelled ``cumulo.io/host=<one of the agent's hosts>`` and do the host's part of them with
+The reconcilers (:mod:`.templates`, :mod:`.volumes`, :mod:`.vms`, :mod:`.snapshots`) watch the Templates,
+Volumes, VirtualMachines and Snapshots labelled ``cumulo.io/host=<one of the agent's hosts>`` and do the host's part of them with
 that host's drivers, writing only their own status keys (``download``, ``node``, ``node``).
 """
 
@@ -44,6 +44,7 @@ from .storageheartbeat import FileHeartbeatStore, HeartbeatStore, MemoryHeartbea
 from .migrations import MigrationReconciler
 from .kube import MERGE_PATCH, AsyncKube, Informer, KubeError, resource_path
 from .routers import RouterReconciler
+from .snapshots import SnapshotReconciler
 from .templates import TemplateReconciler
 from .vms import VmReconciler
 from .volumes import VolumeReconciler
@@ -343,7 +344,8 @@ class Agent:
                                 resync_seconds=config.vm_resync, concurrency=config.process_vm_concurrency)
         self.routers = RouterReconciler(self, sweep_seconds=config.orphan_sweep, resync_seconds=config.resync)
         self.migrations = MigrationReconciler(self, resync_seconds=config.resync)
-        self.reconcilers = [self.templates, self.volumes, self.vms, self.routers, self.migrations]
+        self.snapshots = SnapshotReconciler(self, concurrency=2, resync_seconds=config.resync)
+        self.reconcilers = [self.templates, self.volumes, self.vms, self.routers, self.migrations, self.snapshots]
         # Not part of the initial sync: heartbeats and host reports do not wait for them, and each reconciler
         # waits for its own informer where it must (the orphan sweep).
         self.object_informers = [reconciler.informer for reconciler in self.reconcilers]

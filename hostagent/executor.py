@@ -19,6 +19,8 @@ import typing as t
 from collections.abc import Mapping, Sequence
 
 DEFAULT_TIMEOUT = 120.0
+COPY_TIMEOUT = 3600.0
+"""Whole-disk copies (snapshots, backups, migrations) take as long as the disk is big."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,3 +147,24 @@ class QemuImg:
     async def resize(self, path: str, size_bytes: int, *, image_format: str = "qcow2") -> None:
         argv = [self.binary, "resize", "-q", "-f", image_format, path, str(size_bytes)]
         check(await self.executor.run(argv, timeout=self.timeout), "qemu-img resize")
+
+    async def convert(self, source: str, target: str, *, output_format: str = "qcow2", compress: bool = False,
+                      timeout: float | None = None) -> None:
+        """Write ``source``'s guest-visible content (its backing chain flattened) to a new image ``target``.
+        -U reads an image a guest holds open (only ever a copy the guest does not write)."""
+        argv = [self.binary, "convert", "-q", "-U", "-O", output_format]
+        if compress:
+            argv.append("-c")
+        argv += [source, target]
+        check(await self.executor.run(argv, timeout=timeout or COPY_TIMEOUT), "qemu-img convert")
+
+    async def compare(self, first: str, second: str, *, timeout: float | None = None) -> bool:
+        """Whether both images show the guest the same content (``qemu-img compare`` reads both whole; areas
+        allocated in one and unallocated in the other compare equal when they read as zeros; sizes: see
+        :meth:`info`)."""
+        argv = [self.binary, "compare", "-q", "-U", first, second]
+        result = await self.executor.run(argv, timeout=timeout or COPY_TIMEOUT)
+        if result.returncode in (0, 1):
+            return result.returncode == 0
+        check(result, "qemu-img compare")
+        return False

@@ -6,7 +6,8 @@ the command line (``--fault op=JSON``). Operations:
 * ``facts`` (host facts), ``heartbeat`` (Lease renewal), ``storage`` (pool and image-store checks);
 * ``start`` (starting a domain), ``stop`` (ACPI shutdown and destroy), ``attach`` (disk hot-plug and
   unplug), ``resize`` (growing a disk, live or offline), ``migrate`` (a live migration, on its source);
-* ``download`` (a template download), ``create-volume`` (creating a volume's disk). Driver methods call :meth:`FaultInjector.inject` with their
+* ``download`` (a template download), ``create-volume`` (creating a volume's disk), ``snapshot`` (taking or
+  backing up a snapshot). Driver methods call :meth:`FaultInjector.inject` with their
 operation name before doing their work; the injector adds latency, hangs until the caller's
 deadline (``timeout``) or raises (``fail``), optionally only the first ``times`` calls.
 """

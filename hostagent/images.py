@@ -189,6 +189,16 @@ def fetch(url: str, destination: str, algorithms: t.Iterable[str], progress: Pro
     return {algorithm: hasher.hexdigest() for algorithm, hasher in hashers.items()}
 
 
+def digest_file(path: str, algorithms: t.Iterable[str]) -> dict[str, str]:
+    """Hex digests of a file (blocking)."""
+    hashers = {algorithm: hashlib.new(algorithm) for algorithm in set(algorithms)}
+    with open(path, "rb") as source:
+        while chunk := source.read(CHUNK):
+            for hasher in hashers.values():
+                hasher.update(chunk)
+    return {algorithm: hasher.hexdigest() for algorithm, hasher in hashers.items()}
+
+
 def verify(expected: Checksum | None, digests: dict[str, str], what: str) -> None:
     if expected is not None and digests[expected.algorithm] != expected.hexdigest:
         raise DownloadError(f"checksum mismatch for {what}: expected {expected}, got "
@@ -211,16 +221,18 @@ class DownloadRequest:
     kernel: BootFile | None = None
     initrd: BootFile | None = None
     declared_format: str | None = None   # spec.format: checked against the detected format
+    source_image: str | None = None      # a disk image on this host to convert (templates from snapshots/volumes)
 
     @classmethod
-    def of(cls, spec: t.Mapping[str, t.Any], path: str) -> DownloadRequest:
+    def of(cls, spec: t.Mapping[str, t.Any], path: str, source_image: str | None = None) -> DownloadRequest:
         boot = spec.get("directKernelBoot") or {}
 
         def boot_file(entry: t.Any) -> BootFile | None:
             return BootFile(entry["url"], entry.get("checksum")) if isinstance(entry, t.Mapping) else None
 
-        return cls(url=spec["url"], path=path, checksum=spec.get("checksum"), kernel=boot_file(boot.get("kernel")),
-                   initrd=boot_file(boot.get("initrd")), declared_format=spec.get("format"))
+        return cls(url=spec.get("url") or "", path=path, checksum=spec.get("checksum"),
+                   kernel=boot_file(boot.get("kernel")), initrd=boot_file(boot.get("initrd")),
+                   declared_format=spec.get("format"), source_image=source_image)
 
     def files(self) -> list[str]:
         """Every file the copy may have left behind."""
@@ -268,7 +280,19 @@ async def download_template(request: DownloadRequest, qemu_img: QemuImg, progres
     except OSError as error:
         raise DownloadError(f"cannot create {os.path.dirname(request.path)}: {error.strerror or error}") from None
     try:
-        digests = await asyncio.to_thread(fetch, request.url, partial, {algorithm}, progress, cancel)
+        if request.source_image is not None:
+            # A snapshot backup or a stopped guest's disk: flattened into a standalone image (no backing file).
+            _remove([partial])
+            try:
+                await qemu_img.convert(request.source_image, partial, output_format=(
+                    "raw" if (request.declared_format or "").upper() == "RAW" else "qcow2"))
+            except CommandError as error:
+                raise DownloadError(f"cannot convert {request.source_image}: {error}") from None
+            digests = await asyncio.to_thread(digest_file, partial, {algorithm})
+            if progress is not None:
+                progress.bytes = progress.total = os.stat(partial).st_size
+        else:
+            digests = await asyncio.to_thread(fetch, request.url, partial, {algorithm}, progress, cancel)
         verify(expected, digests, "the image")
         for boot, suffix, what in ((request.kernel, KERNEL_SUFFIX, "the kernel"),
                                    (request.initrd, INITRD_SUFFIX, "the initrd")):

@@ -36,6 +36,7 @@ class CopyRef:
     host: str
     path: str
     state: str
+    source: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +52,8 @@ class TemplateAction:
 
 
 def _copies(template: t.Mapping[str, t.Any], hosts: t.Collection[str]) -> list[CopyRef]:
-    return [CopyRef(zone=str(c.get("zone", "")), host=str(c["host"]), path=str(c["path"]), state=str(c.get("state")))
+    return [CopyRef(zone=str(c.get("zone", "")), host=str(c["host"]), path=str(c["path"]), state=str(c.get("state")),
+                    source=c.get("source"))
             for c in (template.get("status") or {}).get("zones") or []
             if c.get("host") in hosts and c.get("path")]
 
@@ -180,7 +182,7 @@ class TemplateReconciler(ObjectReconciler):
         worker = self.worker(copy.host)
         try:
             assert worker is not None
-            request = DownloadRequest.of(template.get("spec") or {}, copy.path)
+            request = DownloadRequest.of(template.get("spec") or {}, copy.path, copy.source)
             if self._slots.locked():
                 await self._report_current(key, progress_report(copy, download.progress, "waiting for a download "
                                                                                         "slot"))

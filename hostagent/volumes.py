@@ -9,7 +9,13 @@ The controller resolves the target into the Volume's status (``host``, ``path``,
 * a file smaller than ``sizeBytes``: grow it, with ``qemu-img resize`` when no running domain of the host
   uses it, else with the hypervisor's live block resize (the guest sees the new size at once);
 * deletion requested: delete the file (never the shared base image) and report ``exists: false``, which
-  lets the controller remove its finalizer.
+  lets the controller remove its finalizer;
+* ``sourceImage`` (a volume made from a snapshot): the new disk is a copy of that backup;
+* ``revert`` (the guest is stopped): the disk is rewritten from the snapshot's copy, reported as
+  ``node.reverted``;
+* ``migration``: ``Copying``: the source is copied to the target pool and verified equal (``node.migrated``);
+  the controller then switches ``path`` to the copy (``CleaningUp``) and the source is deleted
+  (``node.sourceRemoved``). A copy cut short (agent killed) is redone; the source stays until the switch.
 """
 
 from __future__ import annotations
@@ -39,6 +45,10 @@ def disk_report(state: DiskState | None, message: str, previous: t.Mapping[str, 
             abs(physical - old) < max(PHYSICAL_SIZE_TOLERANCE, state.virtual_size // 100):
         physical = old
     return {"exists": True, "sizeBytes": state.virtual_size, "physicalSizeBytes": physical, "message": message}
+
+
+OPERATION_KEYS = ("reverted", "migrated", "sourceRemoved")
+"""Report keys recording finished one-shot operations: kept in every report."""
 
 
 def base_image(status: t.Mapping[str, t.Any]) -> BaseImageRef | None:
@@ -96,16 +106,51 @@ class VolumeReconciler(ObjectReconciler):
         size = status.get("sizeBytes")
         message, delay = "", None
         state: DiskState | None = None
+        done = {k: v for k, v in (previous or {}).items() if k in OPERATION_KEYS}
+        verb = "create"
         try:
+            migration = status.get("migration") or {}
+            if migration.get("state") == "Copying" and done.get("migrated") != migration.get("path"):
+                verb = "migrate"
+                await self._unused(host, migration["sourcePath"], "migrating")
+                self.transition(key, "migration", "copying", logging.INFO, "copying the disk to another pool",
+                                source=migration["sourcePath"], target=migration["path"])
+                await storage.copy_disk(migration["sourcePath"], migration["path"])
+                done["migrated"] = migration["path"]
+                self.transition(key, "migration", "verified", logging.INFO, "disk copy verified",
+                                target=migration["path"])
+            elif migration.get("state") == "CleaningUp" and done.get("sourceRemoved") != migration.get("sourcePath") \
+                    and migration.get("sourcePath") != path:
+                verb = "remove the migration source of"
+                await storage.delete_disk(migration["sourcePath"])
+                done["sourceRemoved"] = migration["sourcePath"]
+                self.transition(key, "migration", "done", logging.INFO, "migration source removed",
+                                source=migration["sourcePath"])
             state = await storage.disk_info(path)
+            revert = status.get("revert") or {}
+            if state is not None and revert.get("id") and done.get("reverted") != revert["id"]:
+                verb = "revert"
+                await self._unused(host, path, "reverting")
+                await storage.restore_disk(revert["source"], path)
+                done["reverted"] = revert["id"]
+                self.transition(key, "revert", revert["id"], logging.INFO, "disk reverted to a snapshot",
+                                path=path, snapshot=revert.get("snapshot"))
+                state = await storage.disk_info(path)
+            verb = "create"
             if state is None:
                 if not size:
                     return None  # the controller does not know the size yet; it writes it when it does
-                await storage.create_disk(path, int(size), base)
+                source = status.get("sourceImage")
+                if source:
+                    await storage.restore_disk(source, path)
+                else:
+                    await storage.create_disk(path, int(size), base)
                 self.transition(key, "disk", "created", logging.INFO, "disk created", path=path, size_bytes=size,
-                                base=base.path if base else None)
+                                base=base.path if base else None, source=source)
                 state = await storage.disk_info(path)
-            elif size and state.virtual_size < int(size):
+                verb = "grow"
+            if state is not None and size and state.virtual_size < int(size):
+                verb = "grow"
                 domain = await self._domain_using(host, path)
                 if domain is not None:
                     await worker.hypervisor.block_resize(domain.uuid, path, int(size))
@@ -116,11 +161,22 @@ class VolumeReconciler(ObjectReconciler):
                 state = await storage.disk_info(path)
             self.queue.forget(key)
         except (StorageError, HypervisorError) as error:
-            verb = "create" if state is None else "grow"
             message = f"cannot {verb} the disk: {error}"
             self.transition(key, "error", message, logging.WARNING, "disk operation failed", error=str(error))
             delay = self.queue.backoff(key)
+            if state is None:
+                try:  # the report must say whether the disk exists, whatever step failed
+                    state = await storage.disk_info(path)
+                except StorageError:
+                    return delay
         else:
             self._states.pop((key, "error"), None)
-        await self.report(key, volume, disk_report(state, message, previous))
+        await self.report(key, volume, {**disk_report(state, message, previous), **done})
         return delay
+
+    async def _unused(self, host: str, path: str, what: str) -> None:
+        """Refuse to rewrite or move a disk a running domain has open (the controller waits for the guest to
+        stop; this is the last check)."""
+        domain = await self._domain_using(host, path)
+        if domain is not None:
+            raise StorageError(f"not {what}: domain {domain.name} is running on the disk")

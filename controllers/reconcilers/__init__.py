@@ -14,6 +14,7 @@ from controllers.reconcilers.network import NetworkReconciler, VirtualRouterReco
 from controllers.reconcilers.physicalnetwork import PhysicalNetworkReconciler
 from controllers.reconcilers.publicip import PublicIPAddressReconciler
 from controllers.reconcilers.quota import QuotaReconciler
+from controllers.reconcilers.snapshot import SnapshotReconciler
 from controllers.reconcilers.rules import (
     FirewallRuleReconciler,
     LoadBalancerRuleReconciler,
@@ -32,7 +33,8 @@ INFRASTRUCTURE = (
     ImageStoreReconciler, PhysicalNetworkReconciler, ServiceOfferingReconciler, DiskOfferingReconciler,
     NetworkOfferingReconciler,
 )
-COMPUTE = (TemplateReconciler, VolumeReconciler, VirtualMachineReconciler, VirtualMachineMigrationReconciler)
+COMPUTE = (TemplateReconciler, VolumeReconciler, VirtualMachineReconciler, VirtualMachineMigrationReconciler,
+           SnapshotReconciler)
 NETWORKING = (NetworkReconciler, VirtualRouterReconciler, PublicIPAddressReconciler, FirewallRuleReconciler, PortForwardingRuleReconciler,
               LoadBalancerRuleReconciler, SecurityGroupReconciler)
 ALL = INFRASTRUCTURE + NETWORKING + COMPUTE + (QuotaReconciler, UsageReconciler)

@@ -5,6 +5,11 @@ and labels the Template with that host (so its agent, which watches only objects
 host, sees it). The agent downloads, checks the format with qemu-img and the checksum, and reports
 under ``status.download``; the controller turns that into the copy's state. One zone is downloaded
 at a time.
+
+A Template made from a Snapshot (its backup on the zone's image store) or from a stopped guest's root Volume
+is not downloaded: the copy records the disk image as its ``source`` and the agent converts it into the
+store (qemu-img, flattened, so the template has no backing file). Such a template lives in the zone of its
+source only; a volume's copy is made by the agent of the volume's host (it reaches the disk).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from controllers.api.v1alpha1.host import HOST_LABEL, HostState
 from controllers.api.v1alpha1.template import ImageFormat, TemplateState, TemplateStatus, TemplateZoneCopy
 from controllers.conditions import Check, first_failure
 from controllers.reconcilers.base import Dependents, InventoryReconciler
+from controllers.reconcilers.snapshot import backed_up
+from controllers.reconcilers.volume import vm_stopped
 
 EXTENSIONS = {ImageFormat.QCOW2: "qcow2", ImageFormat.RAW: "raw", ImageFormat.ISO: "iso"}
 
@@ -54,7 +61,40 @@ class TemplateReconciler(InventoryReconciler):
             return [self.key(t_.metadata.name, t_.metadata.namespace) for t_ in self.store.list("templates")
                     if t_.status.state != TemplateState.READY]
 
-        return {"volumes": of_volume, "imagestores": waiting, "hosts": waiting}
+        def made_from(obj):
+            # Templates waiting for this snapshot or volume (made from it).
+            return [self.key(t_.metadata.name, t_.metadata.namespace) for t_ in self.store.list("templates")
+                    if t_.spec.url is None and t_.status.state != TemplateState.READY
+                    and t_.metadata.namespace == obj.metadata.namespace]
+
+        return {"volumes": lambda v: [*of_volume(v), *made_from(v)], "imagestores": waiting, "hosts": waiting,
+                "snapshots": made_from, "virtualmachines": made_from}
+
+    def source(self, template: Template) -> tuple[Check, str | None, str | None, str | None]:
+        """For a template made from a snapshot or a volume: (check, zone, image to convert, host that must
+        convert it or None for any host of the zone)."""
+        namespace = template.metadata.namespace
+        if template.spec.from_snapshot is not None:
+            name = template.spec.from_snapshot.name
+            snapshot = self.store.get("snapshots", name, namespace)
+            if snapshot is None:
+                return Check.failed("SnapshotNotFound", f"Snapshot {name} does not exist"), None, None, None
+            if not backed_up(snapshot):
+                return Check.failed("SnapshotNotReady", f"Snapshot {name} is not BackedUp yet"), None, None, None
+            return Check.passed(), snapshot.status.zone, snapshot.status.secondary.path, None
+        name = template.spec.from_volume.name
+        volume = self.store.get("volumes", name, namespace)
+        if volume is None:
+            return Check.failed("VolumeNotFound", f"Volume {name} does not exist"), None, None, None
+        vm = self.store.get("virtualmachines", volume.spec.virtual_machine.name, namespace) \
+            if volume.spec.virtual_machine else None
+        if not vm_stopped(vm):
+            return Check.failed("VirtualMachineNotStopped", f"stop VirtualMachine {vm.metadata.name} first: a "
+                                "template is made from a stopped guest's disk"), None, None, None
+        if not volume.status.path or volume.status.node is None or not volume.status.node.exists \
+                or volume.status.migration is not None or volume.status.revert is not None:
+            return Check.failed("VolumeNotReady", f"Volume {name} is not Ready"), None, None, None
+        return Check.passed(), volume.spec.zone, volume.status.path, volume.status.host
 
     def zones(self, template: Template) -> list[str]:
         if template.spec.zone:
@@ -76,15 +116,24 @@ class TemplateReconciler(InventoryReconciler):
         return names[0] if names else None
 
     def derive(self, template: Template, ctx: inventory.Context) -> TemplateStatus:
-        if template.spec.url is None:
-            source = Check.failed("SourceNotSupported",
-                                  "templates made from snapshots or volumes need snapshot support, not built yet")
-            return self._status(template, ctx, [], source)
         previous = {copy.zone: copy for copy in template.status.zones}
+        zones, image, converter = self.zones(template), None, None
+        if template.spec.url is None:
+            if previous and all(c.state == TemplateState.READY for c in previous.values()):
+                zones = list(previous)  # made; the source may change or go now
+            else:
+                check, zone, image, converter = self.source(template)
+                if not check.ok:
+                    if ctx.deleting or previous:
+                        zones = list(previous)
+                    else:
+                        return self._status(template, ctx, [], check)
+                else:
+                    zones = [zone]
         download = template.status.download
         copies: list[TemplateZoneCopy] = []
         active_taken = False
-        for zone in self.zones(template):
+        for zone in zones:
             copy = previous.get(zone)
             store = self.store_for(zone)
             if store is None:
@@ -93,7 +142,8 @@ class TemplateReconciler(InventoryReconciler):
                 continue
             if copy is None or copy.image_store != store.metadata.name:
                 copy = TemplateZoneCopy(zone=zone, image_store=store.metadata.name,
-                                        path=copy_path(store.spec.path, template), state=TemplateState.DOWNLOADING)
+                                        path=copy_path(store.spec.path, template), state=TemplateState.DOWNLOADING,
+                                        source=image)
             if ctx.deleting and download is not None and download.deleted and download.zone == zone:
                 copy = copy.model_copy(update={"host": None, "message": "files removed"})
             elif download is not None and download.zone == zone and download.host == copy.host \
@@ -111,7 +161,9 @@ class TemplateReconciler(InventoryReconciler):
                     copy = copy.model_copy(update={"host": None, "message": "waiting for another zone's copy"})
                 else:
                     active_taken = True
-                    host = self.downloader(zone, store.metadata.name, copy.host)
+                    host = self.downloader(zone, store.metadata.name, converter or copy.host)
+                    if converter is not None and host != converter:
+                        host = None
                     copy = copy.model_copy(update={
                         "host": host,
                         "message": "" if host else f"no Up host in zone {zone} reaches image store "

@@ -5,6 +5,18 @@ pool that guest's host reaches; a root volume gets the pool the planner chose wi
 controller writes the resolved target (pool, host, path, size, base image) into status and labels the
 volume with the host; that host's agent creates, resizes and deletes the disk and reports in
 ``status.node``.
+
+One-shot operations, all while the guest using the volume is Stopped (else a condition says so and nothing
+happens):
+
+* ``spec.revert`` (snapshot + token): the controller hands ``status.revert`` (the image to rewrite the disk
+  from: the snapshot's primary copy if kept, else its backup) to the agent; done once ``node.reverted`` says
+  its id, so re-applying the same manifest does nothing (condition ``Reverted``);
+* ``spec.storagePool`` naming another pool: storage migration, phase Migrating. ``status.migration`` asks the
+  agent for a verified copy on the new pool (``Copying``); once ``node.migrated`` confirms it, the volume's
+  pool, path and host switch to the copy (``CleaningUp``) and the agent removes the source; until the switch
+  the source is the volume, so an interrupted copy loses nothing and is simply redone (condition ``Migrated``);
+* ``spec.fromSnapshot``: the new disk is a copy of the snapshot's backup (``status.sourceImage``).
 """
 
 from __future__ import annotations
@@ -17,15 +29,32 @@ from controllers.api.v1alpha1 import Volume
 from controllers.api.v1alpha1.host import HOST_LABEL, HostState
 from controllers.api.v1alpha1.storagepool import PoolScope, PoolType, StoragePool
 from controllers.api.v1alpha1.template import ImageFormat, TemplateState
-from controllers.api.v1alpha1.volume import BaseImage, VolumePhase, VolumeStatus, VolumeType
-from controllers.conditions import Check, first_failure
+from controllers.api.v1alpha1.volume import (
+    BaseImage,
+    MigrationTarget,
+    RevertTarget,
+    VolumePhase,
+    VolumeStatus,
+    VolumeType,
+)
+from controllers.conditions import Check, find, first_failure
 from controllers.reconcilers.base import InventoryReconciler
+from controllers.reconcilers.snapshot import backed_up
 
 GIB = 1024**3
 
 
 def disk_path(pool: StoragePool, volume: Volume) -> str:
     return f"{pool.spec.path.rstrip('/')}/{volume.metadata.uid}.qcow2"
+
+
+def vm_stopped(vm: t.Any) -> bool:
+    """No guest, or one that is Stopped (or Destroyed) with no domain running."""
+    if vm is None:
+        return True
+    node = vm.status.node
+    return vm.status.phase in ("Stopped", "Destroyed") and vm.status.launch is None and \
+        (node is None or node.domain_state in (None, "", "shutoff", "gone"))
 
 
 def base_image_path(pool: StoragePool, template_uid: str, fmt: ImageFormat) -> str:
@@ -45,6 +74,9 @@ class VolumeReconciler(InventoryReconciler):
             f"{v.spec.from_template.namespace or v.metadata.namespace}/{v.spec.from_template.name}"]
             if v.spec.from_template else [])
         self.index("volumes", ".status.storagePool", lambda v: [v.status.storage_pool] if v.status.storage_pool else [])
+        self.index("volumes", "snapshot", lambda v: [f"{v.metadata.namespace}/{name}" for name in (
+            v.spec.from_snapshot.name if v.spec.from_snapshot else None,
+            v.spec.revert.snapshot if v.spec.revert else None) if name])
 
     def watch_map(self):
         def of_vm(vm):
@@ -59,7 +91,12 @@ class VolumeReconciler(InventoryReconciler):
             return [self.key(v.metadata.name, v.metadata.namespace) for v in
                     self.store.by("volumes", ".status.storagePool", pool.metadata.name)]
 
-        return {"virtualmachines": of_vm, "templates": from_template, "storagepools": on_pool}
+        def of_snapshot(snapshot):
+            return [self.key(v.metadata.name, v.metadata.namespace) for v in
+                    self.store.by("volumes", "snapshot", f"{snapshot.metadata.namespace}/{snapshot.metadata.name}")]
+
+        return {"virtualmachines": of_vm, "templates": from_template, "storagepools": on_pool,
+                "snapshots": of_snapshot}
 
     # -- what the volume needs ------------------------------------------------------------------
 
@@ -71,7 +108,12 @@ class VolumeReconciler(InventoryReconciler):
         ref = volume.spec.from_template
         return self.store.get("templates", ref.name, ref.namespace or volume.metadata.namespace) if ref else None
 
-    def _wanted_bytes(self, volume: Volume, template: t.Any) -> tuple[int | None, str]:
+    def _snapshot(self, volume: Volume, name: str | None):
+        return self.store.get("snapshots", name, volume.metadata.namespace) if name else None
+
+    def _wanted_bytes(self, volume: Volume, template: t.Any, snapshot: t.Any = None) -> tuple[int | None, str]:
+        if snapshot is not None and snapshot.status.size_bytes and not volume.spec.size_gib:
+            return snapshot.status.size_bytes, ""
         if volume.spec.size_gib:
             return volume.spec.size_gib * GIB, ""
         if volume.spec.disk_offering:
@@ -85,8 +127,8 @@ class VolumeReconciler(InventoryReconciler):
             return template.status.virtual_size_bytes, ""
         return None, "the size is not known yet"
 
-    def _pool(self, volume: Volume, vm: t.Any) -> tuple[StoragePool | None, str]:
-        name = volume.status.storage_pool or volume.spec.storage_pool
+    def _pool(self, volume: Volume, vm: t.Any, current: str | None) -> tuple[StoragePool | None, str]:
+        name = current or volume.spec.storage_pool
         if name:
             pool = self.store.get("storagepools", name)
             return pool, "" if pool else f"StoragePool {name} does not exist"
@@ -133,13 +175,26 @@ class VolumeReconciler(InventoryReconciler):
         vm = self._vm(volume)
         template = self._template(volume)
         previous = volume.status
+        node = volume.status.node
         status = VolumeStatus(observed_generation=volume.metadata.generation, conditions=previous.conditions,
                               node=previous.node, attached_to=previous.attached_to, device_id=previous.device_id)
-        pool, why = self._pool(volume, vm)
-        wanted, size_why = self._wanted_bytes(volume, template)
+        migration, migrated = self._migration(volume, vm, ctx)
+        current_pool, current_path = previous.storage_pool, previous.path
+        if migration is not None and migration.state == "CleaningUp":
+            current_pool, current_path = migration.storage_pool, migration.path
+        pool, why = self._pool(volume, vm, current_pool)
+        source = self._snapshot(volume, volume.spec.from_snapshot.name if volume.spec.from_snapshot else None)
+        wanted, size_why = self._wanted_bytes(volume, template, source)
         checks: list[Check] = []
         if volume.spec.from_template and template is None:
             checks.append(Check.failed("TemplateNotFound", f"Template {volume.spec.from_template.name} does not exist"))
+        if volume.spec.from_snapshot:
+            status.source_image = previous.source_image
+            if status.source_image is None and not backed_up(source):
+                checks.append(Check.failed("SnapshotNotReady", f"Snapshot {volume.spec.from_snapshot.name} "
+                                           + ("does not exist" if source is None else "is not BackedUp yet")))
+            elif status.source_image is None:
+                status.source_image = source.status.secondary.path
         if pool is None:
             checks.append(Check.failed("NoPool" if volume.spec.storage_pool or volume.status.storage_pool
                                        else "Allocated", why))
@@ -155,14 +210,25 @@ class VolumeReconciler(InventoryReconciler):
         if pool is not None and pool.spec.type != PoolType.RBD:
             # The pool is fixed once recorded; the rest of the target follows from it.
             status.storage_pool = pool.metadata.name
-            status.host = self._host(pool, vm)
-            status.path = previous.path or disk_path(pool, volume)
+            status.host = migration.host if migration is not None else self._host(pool, vm)
+            status.path = current_path or disk_path(pool, volume)
             status.format = "qcow2"
             status.size_bytes = max(wanted or 0, previous.size_bytes or 0) or None
-            status.base_image = base or previous.base_image
+            if volume.spec.from_snapshot and status.source_image is None:
+                status.size_bytes = None  # nothing to hand over before the source is known
+            # A migrated or reverted disk is a standalone copy: it has no base image any more.
+            flattened = migration is not None and migration.state == "CleaningUp" or \
+                node is not None and node.exists and previous.path and previous.base_image is None
+            status.base_image = None if flattened else base or previous.base_image
             if status.host is None:
                 checks.append(Check.failed("NoHost", f"no Up host reaches pool {pool.metadata.name}"))
-        node = volume.status.node
+        status.migration = migration
+        revert = self._revert(volume, vm, migration, status)
+        if migration is not None:
+            checks.append(Check.failed("Migrating", f"migrating to pool {migration.storage_pool}" if migration.state
+                                       == "Copying" else f"removing the source on pool {migration.source_pool}"))
+        if status.revert is not None:
+            checks.append(Check.failed("Reverting", f"reverting to snapshot {status.revert.snapshot}"))
         if node is not None and node.message:
             checks.append(Check.failed("DiskError", node.message))
         elif not checks and (node is None or not node.exists):
@@ -179,12 +245,90 @@ class VolumeReconciler(InventoryReconciler):
             status.phase = (VolumePhase.ATTACHED if attached else VolumePhase.READY).value
         elif ready.reason == "Allocated":
             status.phase = VolumePhase.ALLOCATED.value
-        elif ready.reason == "DiskError":
+        elif ready.reason == "DiskError" and migration is None and status.revert is None:
             status.phase = VolumePhase.ERROR.value
+        elif migration is not None:
+            status.phase = VolumePhase.MIGRATING.value
+        elif status.revert is not None:
+            status.phase = VolumePhase.REVERTING.value
         else:
             status.phase = VolumePhase.CREATING.value if status.path else VolumePhase.ALLOCATED.value
-        status.conditions = inventory.conditions(previous.conditions, volume.metadata.generation, ctx, ready)
+        status.conditions = inventory.conditions(previous.conditions, volume.metadata.generation, ctx, ready,
+                                                 Migrated=migrated, Reverted=revert)
         return status
+
+    def _migration(self, volume: Volume, vm: t.Any, ctx: inventory.Context) -> tuple[MigrationTarget | None,
+                                                                                     Check | None]:
+        """The migration in progress or to begin, and the ``Migrated`` condition (None: never asked for)."""
+        previous, node = volume.status.migration, volume.status.node
+        if previous is not None:
+            if previous.state == "Copying" and node is not None and node.migrated == previous.path:
+                previous = previous.model_copy(update={"state": "CleaningUp"})
+            if previous.state == "CleaningUp" and node is not None and node.source_removed == previous.source_path:
+                return None, Check.passed("Migrated", f"moved from pool {previous.source_pool} to "
+                                                      f"{previous.storage_pool}")
+            return previous, Check.failed("Migrating", f"moving to pool {previous.storage_pool}")
+        wanted, current = volume.spec.storage_pool, volume.status.storage_pool
+        old = find(volume.status.conditions, "Migrated")
+        if not wanted or not current or wanted == current or ctx.deleting:
+            # A finished migration's condition stays as a record; nothing asked, nothing shown.
+            return None, Check.passed(old.reason, old.message) if old is not None and old.status.value == "True" \
+                else None
+        if not volume.status.path or node is None or not node.exists:
+            return None, Check.failed("DiskNotReady", "the disk does not exist yet")
+        if not vm_stopped(vm):
+            return None, Check.failed("VirtualMachineNotStopped", f"stop VirtualMachine {vm.metadata.name} first: a "
+                                      "volume moves between pools only while its guest is Stopped")
+        if volume.status.revert is not None:
+            return None, Check.failed("VolumeBusy", "a revert is in progress")
+        source = self.store.get("storagepools", current)
+        target = self.store.get("storagepools", wanted)
+        if target is None:
+            return None, Check.failed("PoolNotFound", f"StoragePool {wanted} does not exist")
+        if target.spec.type == PoolType.RBD or (source is not None and source.spec.type == PoolType.RBD):
+            return None, Check.failed("PoolTypeNotSupported", "migrating to or from RBD pools is not supported yet")
+        if target.spec.zone != volume.spec.zone:
+            return None, Check.failed("PoolInOtherZone", f"StoragePool {wanted} is in zone {target.spec.zone}")
+        host = volume.status.host
+        access = target.status.host_access.get(host or "")
+        if target.spec.scope == PoolScope.HOST and target.spec.host != host or access is None or not access.reachable:
+            return None, Check.failed("PoolNotReachable", f"host {host}, which holds the disk, does not reach "
+                                      f"StoragePool {wanted}")
+        return MigrationTarget(storage_pool=wanted, path=disk_path(target, volume), host=host,
+                               source_pool=current, source_path=volume.status.path, state="Copying"), \
+            Check.failed("Migrating", f"moving to pool {wanted}")
+
+    def _revert(self, volume: Volume, vm: t.Any, migration: t.Any, status: VolumeStatus) -> Check | None:
+        """Set ``status.revert`` when a revert is to be done; the ``Reverted`` condition."""
+        request, node, previous = volume.spec.revert, volume.status.node, volume.status.revert
+        if previous is not None and (node is None or node.reverted != previous.id):
+            status.revert = previous  # the agent may be writing the disk: it finishes first
+            return Check.failed("Reverting", f"reverting to snapshot {previous.snapshot}")
+        if request is None:
+            return None
+        snapshot = self._snapshot(volume, request.snapshot)
+        if snapshot is None:
+            return Check.failed("SnapshotNotFound", f"Snapshot {request.snapshot} does not exist")
+        revert_id = f"{snapshot.metadata.uid}/{request.token}"
+        if node is not None and node.reverted == revert_id:
+            return Check.passed("Reverted", f"reverted to snapshot {request.snapshot}")
+        if snapshot.spec.volume.name != volume.metadata.name:
+            return Check.failed("SnapshotOfAnotherVolume", f"Snapshot {request.snapshot} is of volume "
+                                f"{snapshot.spec.volume.name}")
+        if not backed_up(snapshot):
+            return Check.failed("SnapshotNotReady", f"Snapshot {request.snapshot} is not BackedUp yet")
+        if not vm_stopped(vm):
+            return Check.failed("VirtualMachineNotStopped", f"stop VirtualMachine {vm.metadata.name} first: a volume "
+                                "is reverted only while its guest is Stopped")
+        if migration is not None or node is None or not node.exists:
+            return Check.failed("VolumeBusy", "the disk is being created or migrated")
+        report = snapshot.status.node
+        primary = snapshot.status.primary
+        kept = primary is not None and report is not None and report.taken and not report.primary_removed \
+            and snapshot.status.host == volume.status.host
+        status.revert = RevertTarget(id=revert_id, snapshot=request.snapshot,
+                                     source=primary.path if kept else snapshot.status.secondary.path)
+        return Check.failed("Reverting", f"reverting to snapshot {request.snapshot}")
 
     def blocked_by(self, volume: Volume) -> list[str]:
         vm = self._vm(volume)

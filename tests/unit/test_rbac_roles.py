@@ -156,7 +156,7 @@ def test_agent_role_writes_only_status_of_its_kinds_hosts_and_leases() -> None:
                 writes[resource] = verbs
     assert writes == {"hosts": {"create"}, "hosts/status": {"patch"}, "virtualmachines/status": {"patch"},
                       "volumes/status": {"patch"}, "templates/status": {"patch"}, "virtualrouters/status": {"patch"},
-                      "virtualmachinemigrations/status": {"patch"}}
+                      "virtualmachinemigrations/status": {"patch"}, "snapshots/status": {"patch"}}
     assert granted(role, "leases", "coordination.k8s.io") == {"create", "patch"}
     assert granted(role, "nodes", "") == {"get"}
     # User data Secrets are read by name when a guest starts; never listed or watched (no bulk reads of Secrets).

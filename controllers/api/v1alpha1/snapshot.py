@@ -21,6 +21,11 @@ from .common import (
 )
 
 
+POLICY_LABEL = "cumulo.io/snapshot-policy"
+"""On Snapshots a Volume's snapshot policy made: the policy's interval type (Hourly, Daily, Weekly, Monthly; a
+volume has at most one policy of each)."""
+
+
 class SnapshotPhase(StrEnum):
     CREATING = "Creating"
     BACKING_UP = "BackingUp"
@@ -45,8 +50,23 @@ class SnapshotSpec(Model):
     )
 
 
+class SnapshotReport(Model):
+    """What the agent taking, backing up and removing the snapshot did (owned by the agent)."""
+
+    taken: bool = Field(False, description="The primary copy was taken (status.primary.path exists).")
+    backed_up: bool = Field(False, description="The backup was written to status.secondary.path.")
+    primary_removed: bool = Field(False, description="The primary copy was removed (keepOnPrimary is false).")
+    deleted: bool = Field(False, description="Both copies were removed (the Snapshot is being deleted).")
+    live: bool | None = Field(None, description="Taken from a running guest through the hypervisor.")
+    size_bytes: int | None = Field(None, description="Virtual size of the disk when taken.")
+    physical_size_bytes: int | None = Field(None, description="Size of the backup file.")
+    taken_at: datetime.datetime | None = Field(None, description="When the primary copy was taken.")
+    message: str = Field("", description="What failed, when the last operation did.")
+
+
 class SnapshotStatus(ResourceStatus):
-    """Observed state of a snapshot."""
+    """Observed state of a snapshot. host, primary and secondary are the controller's resolved target; node is
+    what the agent did."""
 
     primary: SnapshotCopy | None = Field(None, description="The copy on primary storage.")
     secondary: SnapshotCopy | None = Field(None, description="The backup on the image store.")
@@ -54,6 +74,10 @@ class SnapshotStatus(ResourceStatus):
     physical_size_bytes: int | None = Field(None, description="Size of the backup.")
     taken_at: datetime.datetime | None = Field(None, description="When the snapshot was taken.")
     policy: str | None = Field(None, description="Snapshot policy that made it, if any.")
+    zone: str | None = Field(None, description="Zone of the volume (and of the backup's image store).")
+    host: str | None = Field(None, description="Host whose agent takes, backs up and removes the copies.")
+    disk: str | None = Field(None, description="The volume's disk the snapshot is taken of.")
+    node: SnapshotReport | None = Field(None, description="What the agent did.")
 
 
 class Snapshot(

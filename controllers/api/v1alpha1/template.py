@@ -119,6 +119,8 @@ class TemplateZoneCopy(Model):
     image_store: str = Field(description="The ImageStore holding the copy.")
     path: str = Field(description="Absolute path of the image (inside the store's directory).")
     host: str | None = Field(None, description="Host whose agent downloads the copy.")
+    source: str | None = Field(None, description="For templates made from a snapshot or volume: the disk image "
+                               "the agent converts into the copy (not downloaded).")
     state: TemplateState = Field(description="Downloading, Ready or Error.")
     download_percent: int | None = Field(None, description="Progress of the download, 0-100.")
     message: str = Field("", description="Why the copy failed, when it did.")

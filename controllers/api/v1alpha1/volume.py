@@ -36,6 +36,7 @@ class VolumePhase(StrEnum):
     READY = "Ready"
     ATTACHED = "Attached"
     MIGRATING = "Migrating"
+    REVERTING = "Reverting"
     DESTROYED = "Destroyed"
     EXPUNGED = "Expunged"
     ERROR = "Error"
@@ -62,14 +63,24 @@ class SnapshotPolicy(Model):
     )
 
 
+class RevertRequest(Model):
+    """Revert the volume to a snapshot of it, once per (snapshot, token): a one-shot operation kept in spec, so
+    re-applying the same manifest (GitOps) does nothing more; change ``token`` to revert to the same snapshot
+    again. The guest using the volume must be Stopped."""
+
+    snapshot: Name = Field(description="A BackedUp Snapshot of this volume (same namespace).")
+    token: t.Annotated[str, Field(max_length=63)] = Field(
+        "", description="Any value; a new value asks for another revert to the same snapshot.")
+
+
 class VolumeSpec(Model):
     """Desired state of a volume."""
 
     model_config = ConfigDict(
         json_schema_extra=rules(
-            Rule("!has(oldSelf.storagePool) || has(self.storagePool) && self.storagePool == oldSelf.storagePool",
-                 "storagePool cannot change once set; migrate the volume instead", field_path=".storagePool",
-                 reason="FieldValueForbidden"),
+            Rule("!has(oldSelf.storagePool) || has(self.storagePool)",
+                 "storagePool cannot be removed once set; name another pool to migrate the volume",
+                 field_path=".storagePool", reason="FieldValueForbidden"),
             Rule("self.type != 'ROOT' || has(oldSelf.virtualMachine) == false || has(self.virtualMachine) && "
                  "self.virtualMachine == oldSelf.virtualMachine",
                  "a root volume stays attached to its guest", field_path=".virtualMachine"),
@@ -78,6 +89,9 @@ class VolumeSpec(Model):
             Rule("!has(oldSelf.sizeGiB) || has(self.sizeGiB) && self.sizeGiB >= oldSelf.sizeGiB",
                  "volumes can grow but not shrink", field_path=".sizeGiB"),
             set_at_creation("diskOffering", "fromSnapshot", "fromTemplate"),
+            Rule("!has(self.snapshotPolicies) || self.snapshotPolicies.all(p, "
+                 "self.snapshotPolicies.filter(q, q.intervalType == p.intervalType).size() == 1)",
+                 "at most one snapshot policy per interval type", field_path=".snapshotPolicies"),
         )
     )
 
@@ -93,7 +107,8 @@ class VolumeSpec(Model):
     )
     zone: t.Annotated[Name, IMMUTABLE] = Field(description="Zone of the volume. Immutable.")
     storage_pool: Name | None = Field(
-        None, description="Pool to create the volume on; chosen by the planner when unset. Fixed once set."
+        None, description="Pool to create the volume on; chosen by the planner when unset. Naming another pool "
+        "later migrates the volume there (its guest must be Stopped): copied, verified, then switched."
     )
     from_snapshot: t.Annotated[ObjectReference, IMMUTABLE] | None = Field(
         None, description="Create the volume from this Snapshot. Immutable."
@@ -108,6 +123,9 @@ class VolumeSpec(Model):
     snapshot_policies: t.Annotated[list[SnapshotPolicy], Field(max_length=4)] = Field(
         default_factory=list, description="Recurring snapshot schedules with retention."
     )
+    revert: RevertRequest | None = Field(
+        None, description="Revert the disk to a snapshot (guest Stopped); done once per snapshot and token."
+    )
 
 
 class BaseImage(Model):
@@ -118,6 +136,26 @@ class BaseImage(Model):
     format: str = Field("qcow2", description="Format of the image: qcow2 or raw.")
 
 
+class RevertTarget(Model):
+    """A revert handed to the agent: the image to rewrite the disk from."""
+
+    id: str = Field(description="<snapshot uid>/<token>: the agent reports it in node.reverted when done.")
+    snapshot: str = Field(description="The Snapshot.")
+    source: str = Field(description="Image to copy into the disk (the snapshot's primary copy or its backup).")
+
+
+class MigrationTarget(Model):
+    """A storage migration in progress: the copy goes to path on storagePool, is verified, then replaces the
+    source, which is removed last."""
+
+    storage_pool: str = Field(description="Pool the volume moves to.")
+    path: str = Field(description="Path of the disk on that pool.")
+    host: str = Field(description="Host whose agent copies (it reaches both pools).")
+    source_pool: str = Field(description="Pool the volume moves from.")
+    source_path: str = Field(description="The source disk, removed once the copy is verified and in use.")
+    state: str = Field(description="Copying (source in use) or CleaningUp (copy in use, source being removed).")
+
+
 class DiskReport(Model):
     """The disk as the agent of its host finds it (owned by the agent)."""
 
@@ -125,6 +163,10 @@ class DiskReport(Model):
     size_bytes: int | None = Field(None, description="Virtual size found.")
     physical_size_bytes: int | None = Field(None, description="Space the disk takes on the pool.")
     message: str = Field("", description="What failed, when the last operation did.")
+    reverted: str | None = Field(None, description="The last revert done (status.revert.id).")
+    migrated: str | None = Field(None, description="Path of a migration copy written and verified equal to the "
+                                 "source.")
+    source_removed: str | None = Field(None, description="Path of a migration source removed after the switch.")
 
 
 class VolumeStatus(ResourceStatus):
@@ -137,6 +179,9 @@ class VolumeStatus(ResourceStatus):
     format: str | None = Field(None, description="qcow2 or raw.")
     size_bytes: int | None = Field(None, description="Virtual size.")
     base_image: BaseImage | None = Field(None, description="Template image the disk is an overlay of.")
+    source_image: str | None = Field(None, description="Image the disk is made from (a snapshot backup).")
+    revert: RevertTarget | None = Field(None, description="A revert for the agent to do.")
+    migration: MigrationTarget | None = Field(None, description="A storage migration in progress.")
     physical_size_bytes: int | None = Field(None, description="Space used on the pool.")
     attached_to: str | None = Field(None, description="VirtualMachine the volume is attached to.")
     device_id: int | None = Field(None, description="Device position in that guest.")

@@ -225,6 +225,12 @@ class HypervisorDriver(t.Protocol):
         restarted while it ran)."""
         ...
 
+    async def backup_disk(self, uuid: str, path: str, target: str) -> None:
+        """Copy the disk at ``path`` of the running domain, as it is at the call, to a new qcow2 file
+        ``target`` while the guest keeps running and writing (libvirt's push-mode backup job); returns once
+        the copy is complete."""
+        ...
+
     async def close(self) -> None:
         """Release connections; the driver is not used afterwards."""
         ...

@@ -238,6 +238,14 @@ class SimulatorDriver:
         peer = PEERS.get(target.host)
         return None if peer is None else await peer.domain(uuid)
 
+    async def backup_disk(self, uuid: str, path: str, target: str) -> None:
+        domain = self._running(uuid)
+        if not any(d.path == path for d in domain.disks):
+            raise HypervisorError(f"domain {uuid} has no disk {path}")
+        await self._operation("snapshot")
+        if path in self.disk_sizes:
+            self.disk_sizes[target] = self.disk_sizes[path]
+
     async def close(self) -> None:
         for handle in self._stopping.values():
             handle.cancel()

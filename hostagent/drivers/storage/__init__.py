@@ -2,8 +2,9 @@
 
 Implementations: :mod:`.filesystem` (real directories and qcow2 files, through ``qemu-img`` run by the
 agent's :class:`~hostagent.executor.Executor`) and :mod:`.simulator` (configured capacity, in-memory disks,
-fault injection: ``storage``, ``create-volume``, ``resize``, ``download``) and :mod:`.rbd` (one Ceph pool, through
-librados/librbd; ``path`` is an image name there).
+fault injection: ``storage``, ``create-volume``, ``resize``, ``download``, ``snapshot``) and :mod:`.rbd` (one
+Ceph pool, through librados/librbd; ``path`` is an image name there; snapshots, reverts and migrations are
+not implemented there yet: they raise :class:`StorageError`).
 
 Disk operations take the controller's resolved target (``status.path``, ``status.sizeBytes``,
 ``status.baseImage`` of a Volume) and raise :class:`StorageError` with a message fit for a status field.
@@ -64,6 +65,37 @@ class StorageDriver(t.Protocol):
 
     async def delete_disk(self, path: str) -> None:
         """Remove the disk; a missing one is fine."""
+        ...
+
+    # -- snapshots, reverts, migrations (whole-disk copies; RBD: rbd snap create / export / rollback) ------
+
+    async def snapshot_disk(self, path: str, target: str) -> None:
+        """Take a point-in-time copy of the disk at ``path``, which no running guest writes, as ``target`` on
+        the same pool (filesystem: a flattened qcow2 file; RBD: ``<image>@<snapshot>``). A running guest's
+        disk is copied by the hypervisor instead (:meth:`HypervisorDriver.backup_disk`)."""
+        ...
+
+    async def snapshot_exists(self, target: str) -> bool:
+        """Whether a primary copy made by :meth:`snapshot_disk` exists at ``target``."""
+        ...
+
+    async def backup_snapshot(self, primary: str, target: str) -> int:
+        """Write the primary copy ``primary`` to the image store as a standalone compressed qcow2 ``target``
+        (complete or absent: written under a temporary name); its size in bytes."""
+        ...
+
+    async def delete_snapshot(self, location: str) -> None:
+        """Remove a snapshot copy (primary or backup); a missing one is fine."""
+        ...
+
+    async def restore_disk(self, source: str, path: str) -> None:
+        """Make the disk at ``path`` hold the content of the image ``source`` (a snapshot copy): written
+        under a temporary name, then put in place of the disk (revert, volume from snapshot)."""
+        ...
+
+    async def copy_disk(self, source: str, target: str) -> None:
+        """Copy the disk ``source`` to ``target`` (another pool) and verify that both show the guest the same
+        bytes and size; ``target`` exists only once verified. Raises :class:`StorageError` on a mismatch."""
         ...
 
     async def download_template(self, request: DownloadRequest, progress: Progress,

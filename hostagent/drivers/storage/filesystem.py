@@ -31,6 +31,7 @@ from . import BaseImageRef, DiskState, StorageError
 
 PROBE_PREFIX = ".cumulo-probe-"
 CREATING_SUFFIX = ".creating"
+COPYING_SUFFIX = ".copying"
 
 
 def _unreachable(message: str) -> StorageReport:
@@ -177,6 +178,61 @@ class FilesystemStorageDriver:
     async def delete_disk(self, path: str) -> None:
         _unlink_all((path, path + CREATING_SUFFIX))
 
+    # -- snapshots, reverts, migrations ---------------------------------------------------------------
+
+    async def _convert(self, source: str, target: str, *, compress: bool = False) -> None:
+        """``source`` flattened into a new qcow2 ``target``, written as ``<target>.copying`` then renamed: a
+        crash leaves no half copy at ``target`` (the leftover is replaced on the next try)."""
+        temporary = target + COPYING_SUFFIX
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+        except OSError as error:
+            raise StorageError(f"cannot prepare {target}: {error.strerror or error}") from None
+        if not os.path.exists(source):
+            raise StorageError(f"{source} does not exist")
+        try:
+            await self.qemu_img.convert(source, temporary, compress=compress)
+            await asyncio.to_thread(_fsync, temporary)
+            os.replace(temporary, target)
+        except (CommandError, OSError) as error:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise StorageError(str(error)) from None
+
+    async def snapshot_disk(self, path: str, target: str) -> None:
+        await self._convert(path, target)
+
+    async def snapshot_exists(self, target: str) -> bool:
+        return os.path.exists(target)
+
+    async def backup_snapshot(self, primary: str, target: str) -> int:
+        await self._convert(primary, target, compress=True)
+        return os.stat(target).st_size
+
+    async def delete_snapshot(self, location: str) -> None:
+        _unlink_all((location, location + COPYING_SUFFIX))
+
+    async def restore_disk(self, source: str, path: str) -> None:
+        await self._convert(source, path)
+
+    async def copy_disk(self, source: str, target: str) -> None:
+        temporary = target + ".verifying"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        await self._convert(source, temporary)
+        try:
+            same = await self.qemu_img.compare(source, temporary) and \
+                (await self.qemu_img.info(source)).virtual_size == (await self.qemu_img.info(temporary)).virtual_size
+        except CommandError as error:
+            _unlink_all((temporary,))
+            raise StorageError(f"cannot verify the copy: {error}") from None
+        if not same:
+            _unlink_all((temporary,))
+            raise StorageError(f"the copy of {source} differs from it; removed")
+        os.replace(temporary, target)
+
     # -- templates ---------------------------------------------------------------------------------
 
     async def download_template(self, request: DownloadRequest, progress: Progress,
@@ -188,6 +244,14 @@ class FilesystemStorageDriver:
 
     async def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
+
+
+def _fsync(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _unlink_all(names: t.Iterable[str]) -> None:

@@ -1,6 +1,6 @@
 """The simulator storage driver: every directory is reachable with the configured capacity, disks and
 template copies exist in memory only. Fault injection per operation: ``storage`` (directory checks),
-``create-volume``, ``resize`` (offline; a live resize is the hypervisor's ``resize``), ``download``."""
+``create-volume``, ``resize`` (offline; a live resize is the hypervisor's ``resize``), ``download``, ``snapshot``."""
 
 from __future__ import annotations
 
@@ -63,6 +63,33 @@ class SimulatorStorageDriver:
     async def delete_disk(self, path: str) -> None:
         if self.disk_sizes.pop(path, None) is not None:
             self.saved()
+
+    async def snapshot_disk(self, path: str, target: str) -> None:
+        if path not in self.disk_sizes:
+            raise StorageError(f"disk {path} does not exist")
+        await self._operation("snapshot")
+        self.disk_sizes[target] = self.disk_sizes[path]
+
+    async def snapshot_exists(self, target: str) -> bool:
+        return target in self.disk_sizes
+
+    async def backup_snapshot(self, primary: str, target: str) -> int:
+        if primary not in self.disk_sizes:
+            raise StorageError(f"snapshot {primary} does not exist")
+        await self._operation("snapshot")
+        self.disk_sizes[target] = self.disk_sizes[primary]
+        return 0
+
+    async def delete_snapshot(self, location: str) -> None:
+        self.disk_sizes.pop(location, None)
+
+    async def restore_disk(self, source: str, path: str) -> None:
+        if source not in self.disk_sizes:
+            raise StorageError(f"{source} does not exist")
+        self.disk_sizes[path] = self.disk_sizes[source]
+
+    async def copy_disk(self, source: str, target: str) -> None:
+        await self.restore_disk(source, target)
 
     async def download_template(self, request: DownloadRequest, progress: Progress,
                                 cancel: threading.Event) -> DownloadResult:
