@@ -20,7 +20,7 @@ import logging
 import typing as t
 
 from .drivers.hypervisor import HypervisorError
-from .drivers.storage import StorageError
+from .drivers.storage import DiskCopies, StorageError
 from .reconciler import ObjectReconciler
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,10 @@ class SnapshotReconciler(ObjectReconciler):
         storage = worker.storage
         report = dict(status.get("node") or {})
         report.pop("message", None)
+        if not isinstance(storage, DiskCopies):
+            await self.report(key, snapshot, {**report, "message": f"the {type(storage).__name__} cannot take "
+                                                                    "snapshots"})
+            return None
         try:
             if snapshot["metadata"].get("deletionTimestamp"):
                 if not report.get("deleted"):

@@ -24,7 +24,7 @@ import logging
 import typing as t
 
 from .drivers.hypervisor import Domain, HypervisorError
-from .drivers.storage import BaseImageRef, DiskState, StorageError
+from .drivers.storage import BaseImageRef, DiskCopies, DiskState, StorageError
 from .reconciler import ObjectReconciler
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,8 @@ class VolumeReconciler(ObjectReconciler):
         verb = "create"
         try:
             migration = status.get("migration") or {}
+            if (migration or status.get("revert") or status.get("sourceImage")) and not isinstance(storage, DiskCopies):
+                raise StorageError(f"the {type(storage).__name__} cannot copy whole disks")
             if migration.get("state") == "Copying" and done.get("migrated") != migration.get("path"):
                 verb = "migrate"
                 await self._unused(host, migration["sourcePath"], "migrating")

@@ -66,8 +66,11 @@ class SnapshotReconciler(InventoryReconciler):
         if volume.status.migration is not None or volume.status.revert is not None:
             return Check.failed("VolumeBusy", f"Volume {volume.metadata.name} is being migrated or reverted")
         pool = self.store.get("storagepools", volume.status.storage_pool)
-        if pool is None or not pool.spec.path:
+        if pool is None:
             return Check.failed("NoPool", f"StoragePool {volume.status.storage_pool} does not exist")
+        if not pool.spec.path:
+            return Check.failed("PoolTypeNotSupported", f"snapshots of {pool.spec.type.value} volumes are not "
+                                "supported yet")
         stores = [s for s in self.store.by("imagestores", ".spec.zone", volume.spec.zone) if not s.spec.read_only]
         if not stores:
             return Check.failed("NoImageStore", f"zone {volume.spec.zone} has no writable ImageStore")

@@ -4,7 +4,7 @@ Implementations: :mod:`.filesystem` (real directories and qcow2 files, through `
 agent's :class:`~hostagent.executor.Executor`) and :mod:`.simulator` (configured capacity, in-memory disks,
 fault injection: ``storage``, ``create-volume``, ``resize``, ``download``, ``snapshot``) and :mod:`.rbd` (one
 Ceph pool, through librados/librbd; ``path`` is an image name there; snapshots, reverts and migrations are
-not implemented there yet: they raise :class:`StorageError`).
+not implemented there yet: it is no :class:`DiskCopies`).
 
 Disk operations take the controller's resolved target (``status.path``, ``status.sizeBytes``,
 ``status.baseImage`` of a Volume) and raise :class:`StorageError` with a message fit for a status field.
@@ -67,7 +67,25 @@ class StorageDriver(t.Protocol):
         """Remove the disk; a missing one is fine."""
         ...
 
-    # -- snapshots, reverts, migrations (whole-disk copies; RBD: rbd snap create / export / rollback) ------
+    async def download_template(self, request: DownloadRequest, progress: Progress,
+                                cancel: threading.Event) -> DownloadResult:
+        """Download and check one template copy (see :mod:`hostagent.images`). Raises
+        :class:`~hostagent.images.DownloadError`."""
+        ...
+
+    async def delete_template(self, path: str) -> None:
+        """Remove a template copy's files (image, boot files, leftovers)."""
+        ...
+
+    async def close(self) -> None:
+        ...
+
+
+@t.runtime_checkable
+class DiskCopies(t.Protocol):
+    """Whole-disk copies: snapshots, reverts, migrations. A separate Protocol so a driver can come without them
+    (the agent then reports that its pool type does not support them). RBD would map them to ``rbd snap
+    create`` / export to the image store / ``rbd snap rollback``."""
 
     async def snapshot_disk(self, path: str, target: str) -> None:
         """Take a point-in-time copy of the disk at ``path``, which no running guest writes, as ``target`` on
@@ -96,17 +114,4 @@ class StorageDriver(t.Protocol):
     async def copy_disk(self, source: str, target: str) -> None:
         """Copy the disk ``source`` to ``target`` (another pool) and verify that both show the guest the same
         bytes and size; ``target`` exists only once verified. Raises :class:`StorageError` on a mismatch."""
-        ...
-
-    async def download_template(self, request: DownloadRequest, progress: Progress,
-                                cancel: threading.Event) -> DownloadResult:
-        """Download and check one template copy (see :mod:`hostagent.images`). Raises
-        :class:`~hostagent.images.DownloadError`."""
-        ...
-
-    async def delete_template(self, path: str) -> None:
-        """Remove a template copy's files (image, boot files, leftovers)."""
-        ...
-
-    async def close(self) -> None:
         ...
