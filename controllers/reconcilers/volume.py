@@ -223,6 +223,12 @@ class VolumeReconciler(InventoryReconciler):
             if status.host is None:
                 checks.append(Check.failed("NoHost", f"no Up host reaches pool {pool.metadata.name}"))
         status.migration = migration
+        # What spec.storagePool asked for when the pool was chosen or last migrated to: only a new value is a
+        # storage migration request (a live migration moves the disk without changing the spec).
+        status.requested_pool = previous.requested_pool or volume.spec.storage_pool
+        if migrated is not None and migrated.ok and previous.migration is not None or \
+                volume.spec.storage_pool and volume.spec.storage_pool == status.storage_pool:
+            status.requested_pool = volume.spec.storage_pool
         revert = self._revert(volume, vm, migration, status)
         if migration is not None:
             checks.append(Check.failed("Migrating", f"migrating to pool {migration.storage_pool}" if migration.state
@@ -270,7 +276,8 @@ class VolumeReconciler(InventoryReconciler):
             return previous, Check.failed("Migrating", f"moving to pool {previous.storage_pool}")
         wanted, current = volume.spec.storage_pool, volume.status.storage_pool
         old = find(volume.status.conditions, "Migrated")
-        if not wanted or not current or wanted == current or ctx.deleting:
+        asked = volume.status.requested_pool or wanted
+        if not wanted or not current or wanted == current or wanted == asked or ctx.deleting:
             # A finished migration's condition stays as a record; nothing asked, nothing shown.
             return None, Check.passed(old.reason, old.message) if old is not None and old.status.value == "True" \
                 else None

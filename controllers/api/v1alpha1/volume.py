@@ -182,6 +182,9 @@ class VolumeStatus(ResourceStatus):
     source_image: str | None = Field(None, description="Image the disk is made from (a snapshot backup).")
     revert: RevertTarget | None = Field(None, description="A revert for the agent to do.")
     migration: MigrationTarget | None = Field(None, description="A storage migration in progress.")
+    requested_pool: str | None = Field(None, description="The spec.storagePool the current pool answers: a "
+                                       "different spec.storagePool asks for a storage migration (a live "
+                                       "migration may move the disk without one).")
     physical_size_bytes: int | None = Field(None, description="Space used on the pool.")
     attached_to: str | None = Field(None, description="VirtualMachine the volume is attached to.")
     device_id: int | None = Field(None, description="Device position in that guest.")
