@@ -38,7 +38,7 @@ bench-scale: deps
 	$(VENV)/bin/python benchmarks/scale.py $(SCALE_ARGS)
 	$(VENV)/bin/python benchmarks/ha.py
 
-# Crash safety: the fault-injection harness (benchmarks/chaos.py) over many seeds; CI runs seed 1
+# Crash safety: the fault-injection harness (benchmarks/chaos.py) over many seeds; CI runs seed 8
 # (tests/integration/test_chaos.py). Each seed takes 2-4 minutes here.
 CHAOS_ARGS ?= --seeds 1-50
 chaos: deps
