@@ -37,12 +37,13 @@ from . import inventory, metrics
 from .config import AgentConfig
 from .drivers.hypervisor import HostFacts, HypervisorDriver, HypervisorError
 from .drivers.network import NetworkDriver, NetworkError
-from .drivers.storage import StorageDriver
+from .drivers.storage import StorageDriver, StorageError
 from .faults import FaultConfigError, FaultInjector, parse_faults
 from .heartbeat import Heartbeat
 from .storageheartbeat import FileHeartbeatStore, HeartbeatStore, MemoryHeartbeatStore, StorageHeartbeat
 from .migrations import MigrationReconciler
 from .kube import MERGE_PATCH, AsyncKube, Informer, KubeError, resource_path
+from .rbdpools import RbdPools
 from .routers import RouterReconciler
 from .snapshots import SnapshotReconciler
 from .templates import TemplateReconciler
@@ -210,10 +211,21 @@ class HostWorker:
             return False, f"the hypervisor did not answer within {deadline:g}s"
         return True, ""
 
+    async def storage_for(self, pool: str | None, rbd: t.Mapping[str, t.Any] | None) -> StorageDriver:
+        """The storage driver of a pool: the host's own (directories; a simulated host's everything), or the
+        pool's RBD driver for an RBD pool (``rbd``: its spec.rbd). Raises StorageError (the key's Secret)."""
+        if not rbd or self.agent.rbd_pools is None or not pool:
+            return self.storage
+        return t.cast(StorageDriver, await self.agent.rbd_pools.driver(pool, rbd))
+
     async def _check(self, target: inventory.StorageTarget) -> StorageReport:
         if target.unsupported is not None or target.path is None:
             return StorageReport(reachable=False, message=target.unsupported or "no path")
-        return await self.storage.check(target.path, create=target.create, writable=target.writable)
+        try:
+            storage = await self.storage_for(target.name, target.rbd)
+        except StorageError as error:
+            return StorageReport(reachable=False, message=str(error))
+        return await storage.check(target.path, create=target.create, writable=target.writable)
 
     async def _bridge(self, label: str) -> bool:
         try:
@@ -335,6 +347,8 @@ class Agent:
         self.networks = Informer(kube, "PhysicalNetwork", resource_path(GROUP, VERSION, "physicalnetworks"),
                                  self._dependency_event, health=health)
         self.informers = [self.hosts, self.pools, self.stores, self.networks]
+        # RBD pools of real hosts: one Ceph connection per pool (simulated hosts use their simulator storage).
+        self.rbd_pools = RbdPools(api, names[0]) if config.storage_driver == "filesystem" else None
         self.workers: dict[str, HostWorker] = {}
         self._make_workers = workers
         self.templates = TemplateReconciler(self, download_concurrency=config.download_concurrency,
@@ -434,3 +448,5 @@ class Agent:
                     await driver.close()
                 except Exception:
                     log.exception("closing a driver failed", extra={"host": name})
+            if self.rbd_pools is not None:
+                await self.rbd_pools.close()

@@ -14,8 +14,6 @@ from collections.abc import Iterable, Mapping
 from controllers.api.v1alpha1.host import SIMULATOR_FAULTS_ANNOTATION
 from controllers.api.v1alpha1.storagepool import PoolScope, PoolType
 
-RBD_UNSUPPORTED = "RBD is not supported by this agent yet"
-
 USED_BYTES_TOLERANCE = 0.01
 """A change of usedBytes smaller than this fraction of capacity is not worth a write on its own;
 the periodic refresh carries it."""
@@ -48,13 +46,15 @@ class Placement:
 
 @dataclasses.dataclass(frozen=True)
 class StorageTarget:
-    """One directory to check, or a pool the agent cannot check (``unsupported`` says why)."""
+    """One directory to check, an RBD pool (``rbd``: its spec.rbd; ``path``: the Ceph pool), or a pool the agent
+    cannot check (``unsupported`` says why)."""
 
     name: str
     path: str | None
     create: bool = False
     writable: bool = True
     unsupported: str | None = None
+    rbd: Mapping[str, t.Any] | None = None
 
 
 def pools_for_host(placement: Placement, pools: Iterable[Mapping[str, t.Any]]) -> list[StorageTarget]:
@@ -80,7 +80,9 @@ def pools_for_host(placement: Placement, pools: Iterable[Mapping[str, t.Any]]) -
             continue
         kind = spec.get("type")
         if kind == PoolType.RBD:
-            targets.append(StorageTarget(_name(pool), None, unsupported=RBD_UNSUPPORTED))
+            rbd = spec.get("rbd") or {}
+            targets.append(StorageTarget(_name(pool), rbd.get("pool"), rbd=rbd,
+                                         unsupported=None if rbd.get("pool") else "RBD pool without spec.rbd"))
         elif kind in (PoolType.FILESYSTEM, PoolType.SHARED_MOUNT_POINT) and spec.get("path"):
             targets.append(StorageTarget(_name(pool), spec["path"], create=kind == PoolType.FILESYSTEM))
         else:

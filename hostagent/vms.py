@@ -63,6 +63,7 @@ from . import vmspec
 from .configdrive import write_config_drive
 from .drivers.hypervisor import Domain, DomainState, HypervisorDriver, HypervisorError
 from .drivers.network import NetworkError
+from .drivers.storage import StorageError
 from .drivers.network.simulator import SimulatorNetworkDriver
 from .executor import SubprocessExecutor
 from .kube import KubeError, resource_path
@@ -468,9 +469,10 @@ class VmReconciler(ObjectReconciler):
         name = vmspec.domain_name(str(vm["metadata"].get("namespace", "")), str(vm["metadata"]["name"]), uid)
         console = drive = None
         user_data, secret_note = await self._user_data(vm, launch)
+        await self._ceph_secrets(launch.disks, hypervisor)
         if hypervisor.local_files:
             for disk in launch.disks:
-                if not os.path.exists(disk.path):
+                if disk.rbd is None and not os.path.exists(disk.path):
                     raise StartRefused(f"disk {disk.path} of volume {disk.volume} does not exist")
             for path in (launch.kernel_path, launch.initrd_path):
                 if path and not os.path.exists(path):
@@ -487,6 +489,32 @@ class VmReconciler(ObjectReconciler):
         log.info("domain started", extra={"object": key, "domain": domain.name, "uuid": uid, "host": launch.host,
                                           "seconds": round(time.monotonic() - started, 2), **secret_note})
         return domain
+
+    async def _ceph_secrets(self, disks: t.Iterable[t.Any], hypervisor: HypervisorDriver) -> None:
+        """Define the libvirt secret of each Ceph client the RBD disks use (key read from the pool's Secret)
+        before a domain that names it starts or gets the disk; a missing or unreadable key refuses the start."""
+        rbd_pools = self.agent.rbd_pools
+        done: set[str] = set()
+        for disk in disks:
+            rbd = getattr(disk, "rbd", None)
+            if rbd is None:
+                continue
+            secret_uuid = vmspec.libvirt_secret_uuid(rbd.monitors, rbd.user)
+            if secret_uuid in done:
+                continue
+            done.add(secret_uuid)
+            if rbd_pools is None:  # a simulated host: its hypervisor keeps the secret, with no key to read
+                await hypervisor.define_secret(secret_uuid, f"cumulo client.{rbd.user} {secret_uuid}", b"")
+                continue
+            try:
+                key = await rbd_pools.key(rbd.model_dump(by_alias=True, mode="json"))
+            except StorageError as error:
+                raise StartRefused(f"RBD disk {disk.volume}: {error}") from None
+            try:
+                value = base64.b64decode(key, validate=True)
+            except (binascii.Error, ValueError):
+                raise StartRefused(f"RBD disk {disk.volume}: the Ceph key is not valid base64") from None
+            await hypervisor.define_secret(secret_uuid, f"cumulo client.{rbd.user} {secret_uuid}", value)
 
     async def _user_data(self, vm: t.Mapping[str, t.Any], launch: LaunchSpec) -> tuple[str | bytes | None, dict]:
         """The user data for the config drive: the launch's inline text, or its Secret's key read now; and what
@@ -531,6 +559,11 @@ class VmReconciler(ObjectReconciler):
         if not changes:
             return domain, None, ""
         now = time.monotonic()
+        attaching = {disk.volume for disk in changes.attach}
+        try:
+            await self._ceph_secrets([disk for disk in launch.disks if disk.volume in attaching], hypervisor)
+        except StartRefused as error:
+            raise HypervisorError(str(error)) from None
         for disk in changes.attach:
             try:
                 await hypervisor.attach_disk(domain.uuid, disk)

@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import enum
 import typing as t
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 
 from controllers.api.v1alpha1.virtualmachine import DesiredState, LaunchDisk, LaunchNic, LaunchSpec
@@ -23,11 +24,13 @@ from .drivers.hypervisor import (
     DomainDescription,
     DomainOwner,
     DomainState,
+    NetworkSource,
     NicDevice,
 )
 
 MIN_SHARES, MAX_SHARES = 2, 262144       # libvirt/cgroup v1 range of <shares>
 MIN_QUOTA_US = 1000                      # libvirt refuses smaller quotas
+CEPH_SECRET_NAMESPACE = uuid.UUID("6f1d0c3e-3a51-4d7e-9a39-6d2f2f6c0c11")
 DISK_TARGETS = tuple(f"vd{chr(c)}" for c in range(ord("a"), ord("z") + 1))
 
 
@@ -62,9 +65,20 @@ def cpu_quota_us(launch: LaunchSpec, host_mhz: int | None) -> int | None:
     return max(MIN_QUOTA_US, CPU_PERIOD_US * launch.cpu_speed_mhz // host_mhz)
 
 
+def libvirt_secret_uuid(monitors: Iterable[str], user: str) -> str:
+    """The libvirt secret (usage ``ceph``) holding a client's key: one per cluster and client, the same on every
+    host and across agent restarts, so a running guest's disk keeps naming a secret that exists."""
+    return str(uuid.uuid5(CEPH_SECRET_NAMESPACE, f"{','.join(sorted(monitors))}/client.{user}"))
+
+
 def disk_device(disk: LaunchDisk, target: str | None = None) -> DiskDevice:
+    """A launch disk as a device: a file, or (RBD) a network disk ``pool/image`` with its monitors and secret."""
+    network = None
+    if disk.rbd is not None:
+        network = NetworkSource(hosts=tuple(disk.rbd.monitors), user=disk.rbd.user,
+                                secret_uuid=libvirt_secret_uuid(disk.rbd.monitors, disk.rbd.user))
     return DiskDevice(volume=disk.volume, path=disk.path, target=target or disk.device, format=disk.format or "qcow2",
-                      bus="virtio", device="disk", read_only=disk.read_only)
+                      bus="virtio", device="disk", read_only=disk.read_only, network=network)
 
 
 def nic_port(uid: str, device_id: int) -> str:

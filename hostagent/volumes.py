@@ -63,7 +63,9 @@ class VolumeReconciler(ObjectReconciler):
     plural = "volumes"
     status_key = "node"
 
-    async def _domain_using(self, host: str, path: str) -> Domain | None:
+    async def _domain_using(self, host: str, path: str, rbd: t.Mapping[str, t.Any] | None = None) -> Domain | None:
+        if rbd:
+            path = f"{rbd.get('pool')}/{path}"  # an RBD disk is pool/image in the domain
         worker = self.worker(host)
         assert worker is not None
         for domain in await worker.hypervisor.domains():
@@ -81,16 +83,21 @@ class VolumeReconciler(ObjectReconciler):
         worker = self.worker(host)
         if worker is None or not path:
             return None  # not (yet) a disk of this agent's hosts
-        storage = worker.storage
         previous = status.get("node")
         base = base_image(status)
+        rbd = status.get("rbd")
+        try:
+            storage = await worker.storage_for(status.get("storagePool"), rbd)
+        except StorageError as error:
+            await self.report(key, volume, {**(previous or {"exists": False}), "message": str(error)})
+            return self.queue.backoff(key)
         if volume["metadata"].get("deletionTimestamp"):
             if base is not None and path == base.path:
                 await self.report(key, volume, {"exists": True, "message": f"refusing to delete {path}: it is the "
                                                                             "pool's shared base image"})
                 return None
             try:
-                user = await self._domain_using(host, path)
+                user = await self._domain_using(host, path, rbd)
                 if user is not None:
                     # The controller detaches first; deleting under a running guest would only hide the file.
                     await self.report(key, volume, {"exists": True, "message": f"not deleting the disk: domain "
@@ -153,9 +160,10 @@ class VolumeReconciler(ObjectReconciler):
                 verb = "grow"
             if state is not None and size and state.virtual_size < int(size):
                 verb = "grow"
-                domain = await self._domain_using(host, path)
+                domain = await self._domain_using(host, path, rbd)
                 if domain is not None:
-                    await worker.hypervisor.block_resize(domain.uuid, path, int(size))
+                    await worker.hypervisor.block_resize(domain.uuid, f"{rbd['pool']}/{path}" if rbd else path,
+                                                         int(size))
                 else:
                     await storage.resize_disk(path, int(size))
                 self.transition(key, "size", f"grown {size}", logging.INFO, "disk grown", path=path, size_bytes=size,

@@ -46,7 +46,10 @@ class TemplateReconciler(InventoryReconciler):
 
     def blocked_by(self, template: Template) -> list[str]:
         key = f"{template.metadata.namespace}/{template.metadata.name}"
-        return [f"Volume {v.metadata.namespace}/{v.metadata.name}" for v in self.store.by("volumes", "fromTemplate", key)]
+        return [f"Volume {v.metadata.namespace}/{v.metadata.name}" + (
+                    f" (an RBD clone of {v.status.base_image.path} in Ceph pool {v.status.rbd.pool})"
+                    if v.status.rbd and v.status.base_image else "")
+                for v in self.store.by("volumes", "fromTemplate", key)]
 
     def watch_map(self):
         # Dependents are keyed namespace/name here; an image store or host of a zone matters to every

@@ -609,10 +609,12 @@ class VirtualMachineReconciler(InventoryReconciler):
         for volume in chosen:
             device = "vda" if volume is root else previous.get(volume.metadata.name) or next(free)
             pool = self.store.get("storagepools", volume.status.storage_pool)
+            rbd = volume.status.rbd
             disks.append(LaunchDisk(
                 volume=volume.metadata.name, device=device, pool=volume.status.storage_pool,
-                pool_type=pool.spec.type.value if pool else "Filesystem", path=volume.status.path,
-                format=volume.status.format or "qcow2", size_bytes=volume.status.size_bytes or 0))
+                pool_type=pool.spec.type.value if pool else "Filesystem",
+                path=f"{rbd.pool}/{volume.status.path}" if rbd else volume.status.path,
+                format=volume.status.format or "qcow2", size_bytes=volume.status.size_bytes or 0, rbd=rbd))
         copy = next(c for c in template.status.zones if c.zone == vm.spec.zone)
         kernel = template.spec.direct_kernel_boot
         return LaunchSpec(

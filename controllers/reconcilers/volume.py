@@ -44,7 +44,13 @@ from controllers.reconcilers.snapshot import backed_up
 GIB = 1024**3
 
 
+RBD_TEMPLATE_SNAPSHOT = "base"
+
+
 def disk_path(pool: StoragePool, volume: Volume) -> str:
+    """The disk's file in a directory pool; its image name (``volume-<uid>``) in an RBD pool."""
+    if pool.spec.type == PoolType.RBD:
+        return f"volume-{volume.metadata.uid}"
     return f"{pool.spec.path.rstrip('/')}/{volume.metadata.uid}.qcow2"
 
 
@@ -58,7 +64,26 @@ def vm_stopped(vm: t.Any) -> bool:
 
 
 def base_image_path(pool: StoragePool, template_uid: str, fmt: ImageFormat) -> str:
+    """The pool's copy of a template: a file in a directory pool; ``template-<uid>@base`` (the protected
+    snapshot root volumes are cloned from) in an RBD pool."""
+    if pool.spec.type == PoolType.RBD:
+        return f"template-{template_uid}@{RBD_TEMPLATE_SNAPSHOT}"
     return f"{pool.spec.path.rstrip('/')}/templates/{template_uid}.{'raw' if fmt == ImageFormat.RAW else 'qcow2'}"
+
+
+def pool_free_bytes(pool: StoragePool) -> int:
+    """What a pool can still take: capacity × overprovisioning factor − allocated (virtual sizes), the same
+    for every pool type; 0 while no capacity is known."""
+    return int((pool.status.capacity_bytes or 0) * pool.spec.overprovisioning_factor) - (pool.status.allocated_bytes or 0)
+
+
+def insufficient(pool: StoragePool, wanted: int, free: int) -> str:
+    factor = pool.spec.overprovisioning_factor
+    if pool.status.capacity_bytes is None:
+        return f"StoragePool {pool.metadata.name} has not reported its capacity yet"
+    return (f"StoragePool {pool.metadata.name} cannot take {math.ceil(wanted / GIB)} GiB: "
+            f"{max(free, 0) / GIB:.1f} GiB free of {pool.status.capacity_bytes / GIB:.1f} GiB "
+            f"× overprovisioning {factor:g}, {(pool.status.allocated_bytes or 0) / GIB:.1f} GiB allocated")
 
 
 class VolumeReconciler(InventoryReconciler):
@@ -147,8 +172,7 @@ class VolumeReconciler(InventoryReconciler):
         if not candidates:
             kind = "local" if local else "shared"
             return None, f"host {host} reaches no enabled {kind} pool matching the disk offering"
-        free = lambda p: (p.status.capacity_bytes or 0) * p.spec.overprovisioning_factor - (p.status.allocated_bytes or 0)  # noqa: E731
-        return max(candidates, key=lambda p: (free(p), p.metadata.name)), ""
+        return max(candidates, key=lambda p: (pool_free_bytes(p), p.metadata.name)), ""
 
     def _host(self, pool: StoragePool, vm: t.Any) -> str | None:
         if pool.spec.scope == PoolScope.HOST:
@@ -198,21 +222,25 @@ class VolumeReconciler(InventoryReconciler):
         if pool is None:
             checks.append(Check.failed("NoPool" if volume.spec.storage_pool or volume.status.storage_pool
                                        else "Allocated", why))
-        elif pool.spec.type == PoolType.RBD:
-            checks.append(Check.failed("PoolTypeNotSupported", "RBD volumes are not supported yet"))
+        elif not volume.status.storage_pool and volume.spec.type != VolumeType.ROOT and wanted is not None \
+                and wanted > (free := pool_free_bytes(pool)):
+            # A new data volume; a root volume's pool was checked (and reserved) by the planner with its guest.
+            checks.append(Check.failed("InsufficientCapacity", insufficient(pool, wanted, free)))
+            pool = None
         if wanted is None:
             checks.append(Check.failed("SizeUnknown", size_why))
         base = None
-        if pool is not None and template is not None and pool.spec.type != PoolType.RBD:
+        if pool is not None and template is not None:
             base, base_why = self._base_image(pool, template)
             if base is None:
                 checks.append(Check.failed("TemplateNotReady", base_why))
-        if pool is not None and pool.spec.type != PoolType.RBD:
+        if pool is not None:
             # The pool is fixed once recorded; the rest of the target follows from it.
             status.storage_pool = pool.metadata.name
             status.host = migration.host if migration is not None else self._host(pool, vm)
             status.path = current_path or disk_path(pool, volume)
-            status.format = "qcow2"
+            status.format = "raw" if pool.spec.type == PoolType.RBD else "qcow2"
+            status.rbd = pool.spec.rbd if pool.spec.type == PoolType.RBD else None
             status.size_bytes = max(wanted or 0, previous.size_bytes or 0) or None
             if volume.spec.from_snapshot and status.source_image is None:
                 status.size_bytes = None  # nothing to hand over before the source is known

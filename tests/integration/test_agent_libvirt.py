@@ -104,7 +104,7 @@ def test_libvirt_host_reports_real_facts_storage_bridges_and_heartbeats(
         "reachable": False, "message": f"directory {shared} does not exist"}
     assert not shared.exists()  # a missing shared mount never becomes a local directory
     assert node["storagePools"][pools["ceph"]] == {
-        "reachable": False, "message": "RBD is not supported by this agent yet"}
+        "reachable": False, "message": "Ceph key Secret cumulo-system/ceph does not exist"}
     assert node["imageStores"][store_name]["reachable"] is True
     assert node["imageStores"][store_name]["capacityBytes"] > 0
     assert node["bridges"] == {bridge: True, missing_bridge: False}

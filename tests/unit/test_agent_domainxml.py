@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 
 from controllers.api.v1alpha1.virtualmachine import LaunchSpec
 from hostagent import vmspec
-from hostagent.drivers.hypervisor import DiskDevice, DomainOwner
+from hostagent.drivers.hypervisor import DiskDevice, DomainOwner, NetworkSource
 from hostagent.drivers.hypervisor import domainxml
 
 NS = {"cumulo": domainxml.METADATA_NS}
@@ -155,7 +155,36 @@ def test_parse_a_foreign_domain():
       <serial type='pty'><target port='0'/></serial></devices></domain>"""
     owner, disks, console = domainxml.parse(xml)
     assert owner is None and console is None
-    assert disks == (DiskDevice(volume="", path="/x.img", target="vda", format="raw"),)
+    assert disks == (DiskDevice(volume="", path="/x.img", target="vda", format="raw"),
+                     DiskDevice(volume="", path="p/i", target="vdb", format="raw",
+                                network=NetworkSource(hosts=(), user="", secret_uuid="")))
+
+
+def test_rbd_disk_is_a_network_disk_with_monitors_and_the_ceph_secret():
+    disk = DiskDevice(volume="root.1", path="cloud/volume-u1", target="vda", format="raw",
+                      network=NetworkSource(hosts=("10.0.0.1:6789", "[fd00::1]:3300", "mon3"), user="cumulo",
+                                            secret_uuid="5a0a1f3e-0000-4000-8000-000000000001"))
+    element = ET.fromstring(domainxml.disk_xml(disk))
+    assert element.get("type") == "network" and element.find("driver").get("type") == "raw"
+    source = element.find("source")
+    assert source.get("protocol") == "rbd" and source.get("name") == "cloud/volume-u1" and source.get("file") is None
+    assert [(h.get("name"), h.get("port")) for h in source.findall("host")] == [
+        ("10.0.0.1", "6789"), ("fd00::1", "3300"), ("mon3", None)]
+    assert source.find("auth").get("username") == "cumulo"
+    secret = source.find("auth/secret")
+    assert (secret.get("type"), secret.get("uuid")) == ("ceph", "5a0a1f3e-0000-4000-8000-000000000001")
+    # Read back from a running domain's XML: the same device (adoption, hot-unplug).
+    _, (parsed,), _ = domainxml.parse(f"<domain><devices>{domainxml.disk_xml(disk)}</devices></domain>")
+    assert parsed.path == disk.path and parsed.volume == "root.1"
+    assert parsed.network == NetworkSource(hosts=("10.0.0.1:6789", "[fd00::1]:3300", "mon3"), user="cumulo",
+                                           secret_uuid="5a0a1f3e-0000-4000-8000-000000000001")
+
+
+def test_ceph_secret_xml_is_private_and_persistent():
+    root = ET.fromstring(domainxml.secret_xml("5a0a1f3e-0000-4000-8000-000000000001", "cumulo client.x"))
+    assert root.get("ephemeral") == "no" and root.get("private") == "yes"
+    assert root.findtext("uuid") == "5a0a1f3e-0000-4000-8000-000000000001"
+    assert root.find("usage").get("type") == "ceph" and root.findtext("usage/name") == "cumulo client.x"
 
 
 def test_hotplug_disk_xml():

@@ -46,8 +46,9 @@ def test_host_with_zone_checks_host_cluster_and_zone_pools():
     # Filesystem pools are the host's local storage: created. Shared mounts never are.
     assert by_name["local-h1"].create is True
     assert by_name["shared-c1"].create is False and by_name["zone-z1"].create is False
-    assert by_name["ceph-z1"].unsupported == "RBD is not supported by this agent yet"
-    assert by_name["ceph-z1"].path is None
+    # An RBD pool is checked through Ceph: its spec.rbd goes along, path is the Ceph pool.
+    assert by_name["ceph-z1"].unsupported is None and by_name["ceph-z1"].rbd is not None
+    assert by_name["ceph-z1"].path == by_name["ceph-z1"].rbd["pool"]
 
 
 def test_other_hosts_clusters_and_zones_are_not_checked():

@@ -64,10 +64,16 @@ def make_agent(tmp_path: Path, *, storage: t.Any = None, hosts: Sequence[str] = 
     for host in hosts:
         hypervisor = SimulatorDriver(SimulatedCapacity(), faults, version="1", call_timeout=1,
                                      stop_seconds=stop_seconds, disk_sizes=sizes)
+        host_storage = storage or SimulatorStorageDriver(faults, capacity_bytes=1 << 40, disk_sizes=sizes)
+
+        async def storage_for(pool: t.Any, rbd: t.Any, host_storage: t.Any = host_storage) -> t.Any:
+            return host_storage  # a simulated host: one storage for every pool type
+
         workers[host] = types.SimpleNamespace(
             name=host, hypervisor=hypervisor, facts=None, network=SimulatorNetworkDriver(),
-            storage=storage or SimulatorStorageDriver(faults, capacity_bytes=1 << 40, disk_sizes=sizes))
-    return types.SimpleNamespace(config=config, api=FakeApi(), workers=workers, faults=faults, sizes=sizes)
+            storage=host_storage, storage_for=storage_for)
+    return types.SimpleNamespace(config=config, api=FakeApi(), workers=workers, faults=faults, sizes=sizes,
+                                 rbd_pools=None)
 
 
 def apply_status(obj: dict, patch: dict) -> None:

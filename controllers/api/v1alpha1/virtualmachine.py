@@ -8,6 +8,7 @@ import typing as t
 from pydantic import ConfigDict, Field
 
 from .network import Segment, TrafficRule
+from .storagepool import RbdSource
 from .common import (
     IMMUTABLE,
     NAMESPACED,
@@ -153,6 +154,7 @@ class LaunchDisk(Model):
     format: str = Field("qcow2", description="qcow2 or raw.")
     size_bytes: int = Field(description="Virtual size.")
     read_only: bool = Field(False, description="Attached read-only (ISOs).")
+    rbd: RbdSource | None = Field(None, description="The Ceph pool and client, for a disk on an RBD pool.")
 
 
 class SecurityGroupPolicy(Model):

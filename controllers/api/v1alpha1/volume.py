@@ -6,6 +6,7 @@ import typing as t
 
 from pydantic import ConfigDict, Field
 
+from .storagepool import RbdSource
 from .common import (
     IMMUTABLE,
     NAMESPACED,
@@ -132,8 +133,10 @@ class BaseImage(Model):
     """A template image a disk is an overlay of: copied once from the image store into the pool."""
 
     source: str = Field(description="Absolute path of the template image on the image store.")
-    path: str = Field(description="Absolute path of the pool's cached copy, the overlay's backing file.")
-    format: str = Field("qcow2", description="Format of the image: qcow2 or raw.")
+    path: str = Field(description="Absolute path of the pool's cached copy, the overlay's backing file; on RBD, "
+                      "image@snapshot of the pool's template image the volume is a clone of.")
+    format: str = Field("qcow2", description="Format of the image: qcow2 or raw (on RBD: of the image store copy; "
+                        "the pool's template image is raw).")
 
 
 class RevertTarget(Model):
@@ -185,6 +188,8 @@ class VolumeStatus(ResourceStatus):
     requested_pool: str | None = Field(None, description="The spec.storagePool the current pool answers: a "
                                        "different spec.storagePool asks for a storage migration (a live "
                                        "migration may move the disk without one).")
+    rbd: RbdSource | None = Field(None, description="The Ceph pool and client of an RBD volume, as the pool gives "
+                                  "them (the agent reads the key from the Secret).")
     physical_size_bytes: int | None = Field(None, description="Space used on the pool.")
     attached_to: str | None = Field(None, description="VirtualMachine the volume is attached to.")
     device_id: int | None = Field(None, description="Device position in that guest.")

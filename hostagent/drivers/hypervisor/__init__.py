@@ -56,6 +56,17 @@ class DomainState:
 
 
 @dataclasses.dataclass(frozen=True)
+class NetworkSource:
+    """Where a network disk is: an RBD image (``DiskDevice.path`` is ``pool/image``) on these monitors, reached
+    as ``client.<user>`` with the key in the libvirt secret ``secret_uuid`` (see :meth:`HypervisorDriver.define_secret`)."""
+
+    hosts: tuple[str, ...]       # host:port of each monitor
+    user: str
+    secret_uuid: str
+    protocol: str = "rbd"
+
+
+@dataclasses.dataclass(frozen=True)
 class DiskDevice:
     """A disk of a domain. ``volume`` names the Volume object ("" for the config drive)."""
 
@@ -66,6 +77,7 @@ class DiskDevice:
     bus: str = "virtio"
     device: str = "disk"        # disk | cdrom
     read_only: bool = False
+    network: NetworkSource | None = None  # None: a file on the host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +241,11 @@ class HypervisorDriver(t.Protocol):
         """Copy the disk at ``path`` of the running domain, as it is at the call, to a new qcow2 file
         ``target`` while the guest keeps running and writing (libvirt's push-mode backup job); returns once
         the copy is complete."""
+        ...
+
+    async def define_secret(self, uuid: str, usage: str, value: bytes) -> None:
+        """Define (or update) the Ceph secret ``uuid`` holding ``value`` (the raw key), which network disks name
+        in their ``NetworkSource.secret_uuid``. Drivers whose guests have no network disks accept and ignore it."""
         ...
 
     async def close(self) -> None:

@@ -5,6 +5,9 @@ The shape, and why:
 
 * ``q35`` machine: PCIe; ``spare_pcie_ports`` empty ``pcie-root-port`` controllers so disks can be
   hot-plugged (q35 hot-plugs only into root ports, and libvirt adds ports only for the devices it is given).
+* A volume on an RBD pool is a network disk (``<source protocol='rbd' name='pool/image'>``, a ``<host>`` per
+  monitor, ``<auth>`` naming the libvirt secret of usage ``ceph`` the agent defined with the client's key): QEMU
+  talks to Ceph itself through librbd, nothing is mapped on the host.
 * Disks are ``virtio`` in launch order, the root disk first (the guest names virtio disks in PCI order, so
   the first one is ``/dev/vda`` whatever the ``<target dev>``). Each carries a user alias
   ``ua-cumulo-vol-<volume>`` ('.' → '_': Volume names are DNS subdomains, aliases allow ``[A-Za-z0-9_-]``)
@@ -34,7 +37,7 @@ import xml.etree.ElementTree as ET
 
 import typing as t
 
-from . import CPU_PERIOD_US, DiskDevice, DomainDescription, DomainOwner, HypervisorError, NicDevice
+from . import CPU_PERIOD_US, DiskDevice, DomainDescription, DomainOwner, HypervisorError, NetworkSource, NicDevice
 
 METADATA_NS = "https://cumulo.io/xmlns/libvirt-domain/1"
 METADATA_PREFIX = "cumulo"
@@ -62,13 +65,59 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attributes: st
     return element
 
 
+def split_host(address: str) -> tuple[str, str | None]:
+    """``host:port`` (or ``[v6]:port``, or a bare host) -> (host, port or None)."""
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") else None
+    if address.count(":") == 1:
+        host, port = address.split(":")
+        return host, port
+    return address, None
+
+
+def join_host(host: str, port: str | None) -> str:
+    if port is None:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def source_element(element: ET.Element, disk: DiskDevice) -> None:
+    """A file's ``<source file>``; an RBD image's ``<source protocol='rbd' name='pool/image'>`` with a ``<host>``
+    per monitor and the ``<auth>`` naming the libvirt secret that holds the client's key."""
+    network = disk.network
+    if network is None:
+        _sub(element, "source", file=disk.path)
+        return
+    source = _sub(element, "source", protocol=network.protocol, name=disk.path)
+    for address in network.hosts:
+        host, port = split_host(address)
+        if port:
+            _sub(source, "host", name=host, port=port)
+        else:
+            _sub(source, "host", name=host)
+    auth = _sub(source, "auth", username=network.user)
+    _sub(auth, "secret", type="ceph", uuid=network.secret_uuid)
+
+
+def secret_xml(uuid: str, usage: str) -> str:
+    """A persistent, private libvirt secret of usage ``ceph`` (its value is set separately)."""
+    root = ET.Element("secret", {"ephemeral": "no", "private": "yes"})
+    _sub(root, "uuid", uuid)
+    usage_element = _sub(root, "usage", type="ceph")
+    _sub(usage_element, "name", usage)
+    return ET.tostring(root, encoding="unicode")
+
+
 def disk_element(disk: DiskDevice) -> ET.Element:
-    """The ``<disk>`` of a volume (also what hot-plug attaches)."""
-    element = ET.Element("disk", {"type": "file", "device": disk.device})
+    """The ``<disk>`` of a volume (also what hot-plug attaches): a file, or a network disk (RBD)."""
+    element = ET.Element("disk", {"type": "network" if disk.network else "file", "device": disk.device})
     driver = _sub(element, "driver", name="qemu", type=disk.format)
     if disk.device == "disk" and not disk.read_only:
-        driver.set("discard", "unmap")  # the guest's TRIM frees space in the qcow2 file
-    _sub(element, "source", file=disk.path)
+        driver.set("discard", "unmap")  # the guest's TRIM frees space in the qcow2 file / RBD image
+    if disk.network is not None:
+        driver.set("cache", "writeback")  # librbd's cache; flushes from the guest still reach Ceph
+    source_element(element, disk)
     _sub(element, "target", dev=disk.target, bus=disk.bus)
     if disk.read_only:
         _sub(element, "readonly")
@@ -220,21 +269,34 @@ def parse_owner(root: ET.Element) -> DomainOwner | None:
 
 
 def parse_disks(root: ET.Element) -> tuple[DiskDevice, ...]:
-    """The file-backed disks and CDs of the domain, in XML order. ``volume`` is the Volume name of a Cumulo
+    """The file-backed and network (RBD) disks and CDs of the domain, in XML order. ``volume`` is the Volume name of a Cumulo
     volume disk, "" for anything else (the config drive, a disk someone added by hand)."""
     disks = []
     for element in root.findall("devices/disk"):
         source = element.find("source")
         target = element.find("target")
-        if source is None or target is None or not source.get("file"):
+        if source is None or target is None or not (source.get("file") or source.get("name")):
             continue
         driver = element.find("driver")
         alias = element.find("alias")
+        network = None
+        if element.get("type") == "network":
+            secret = source.find("auth/secret")
+            if secret is None:
+                secret = element.find("auth/secret")
+            auth = source.find("auth")
+            if auth is None:
+                auth = element.find("auth")
+            network = NetworkSource(
+                hosts=tuple(join_host(str(h.get("name", "")), h.get("port")) for h in source.findall("host")),
+                user=auth.get("username", "") if auth is not None else "",
+                secret_uuid=secret.get("uuid", "") if secret is not None else "",
+                protocol=source.get("protocol", "rbd"))
         disks.append(DiskDevice(
             volume=volume_of_alias(alias.get("name") if alias is not None else None) or "",
-            path=source.get("file", ""), target=target.get("dev", ""), bus=target.get("bus", ""),
+            path=source.get("file") or source.get("name", ""), target=target.get("dev", ""), bus=target.get("bus", ""),
             format=driver.get("type", "raw") if driver is not None else "raw",
-            device=element.get("device", "disk"), read_only=element.find("readonly") is not None))
+            device=element.get("device", "disk"), read_only=element.find("readonly") is not None, network=network))
     return tuple(disks)
 
 

@@ -447,6 +447,15 @@ class LibvirtDriver:
             raise HypervisorError(f"backup of {path} failed: {error}")
         os.replace(temporary, target)
 
+    async def define_secret(self, uuid: str, usage: str, value: bytes) -> None:
+        xml = domainxml.secret_xml(uuid, usage)
+
+        def define(connection: libvirt.virConnect) -> None:
+            secret = connection.secretDefineXML(xml)
+            secret.setValue(value)
+
+        await self._call("define secret", define)
+
     async def close(self) -> None:
         if self._hung is None or self._hung[0].done():
             await asyncio.wrap_future(self._thread.submit(self._drop_connection))

@@ -352,6 +352,9 @@ class NetnsDriver:
         record.disks = change(record.disks)
         await asyncio.to_thread(self._save, record)
 
+    async def define_secret(self, uuid: str, usage: str, value: bytes) -> None:
+        """Network-namespace guests read no disks: nothing needs the secret."""
+
     async def attach_disk(self, uuid: str, disk: DiskDevice) -> None:
         # Recorded only: a namespace has no block devices; the launch's disks are the controller's business.
         await self._update_disks(uuid, lambda disks: (*disks, disk))

@@ -27,12 +27,13 @@ import dataclasses
 import json
 import os
 import platform
+import typing as t
 
 from controllers.api.v1alpha1.common import HypervisorType
 
 from ...faults import FaultInjector, InjectedFailure
 from . import (DiskDevice, Domain, DomainDescription, DomainOwner, DomainState, HostFacts, HypervisorError,
-               MigrationTarget)
+               MigrationTarget, NetworkSource)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,13 @@ class SimulatedCapacity:
 
 PEERS: dict[str, "SimulatorDriver"] = {}
 """The simulated hosts of this process by host name: where a migration finds its target."""
+
+
+def _disk(raw: dict[str, t.Any]) -> DiskDevice:
+    network = raw.get("network")
+    if network is not None:
+        raw = {**raw, "network": NetworkSource(**{**network, "hosts": tuple(network.get("hosts") or ())})}
+    return DiskDevice(**raw)
 
 
 class SimulatorDriver:
@@ -74,6 +82,7 @@ class SimulatorDriver:
         self.disk_sizes = disk_sizes if disk_sizes is not None else {}
         self._stopping: dict[str, asyncio.TimerHandle] = {}
         self._next_id = 1
+        self.secrets: dict[str, tuple[str, bytes]] = {}  # libvirt-like secrets: uuid -> (usage, value)
         self.state_file = state_file
         if state_file is not None:
             self._load(state_file)
@@ -91,7 +100,7 @@ class SimulatorDriver:
                 continue  # its shutdown finished while nobody watched
             owner = DomainOwner(**raw["owner"]) if raw.get("owner") else None
             domain = Domain(uuid=raw["uuid"], name=raw["name"], state=raw["state"], owner=owner,
-                            disks=tuple(DiskDevice(**disk) for disk in raw.get("disks", [])),
+                            disks=tuple(_disk(disk) for disk in raw.get("disks", [])),
                             console_log=raw.get("console_log"), id=raw.get("id"))
             self._domains[domain.uuid] = domain
         self.disk_sizes.update(data.get("disks", {}))
@@ -245,6 +254,9 @@ class SimulatorDriver:
         await self._operation("snapshot")
         if path in self.disk_sizes:
             self.disk_sizes[target] = self.disk_sizes[path]
+
+    async def define_secret(self, uuid: str, usage: str, value: bytes) -> None:
+        self.secrets[uuid] = (usage, value)
 
     async def close(self) -> None:
         for handle in self._stopping.values():
