@@ -8,9 +8,11 @@ their underlay addresses (cumulo.libvirtd ``listen``); a netns guest on h3 fetch
   disk pre-created by the target's agent); the Volume moves (pool, host, path) and the source file is removed after
   success.
 
-The planner chooses the target (the other libvirt host: the KVM template fits no other). Each guest keeps its IP
-and MAC, its service keeps answering, its uptime keeps growing and its boot count stays 1 (no reboot), and the
-domain runs on the target's libvirtd only. Slow (two TCG boots): one test."""
+The planner chooses the target (the other libvirt host: the KVM template fits no other). A first attempt for ``lo``
+meets a target libvirtd that refuses connections: it fails with libvirt's reason, the guest stays on its source
+and the target's disk copy is removed. Each guest keeps its IP and MAC, its service keeps answering, its uptime
+keeps growing and its boot count stays 1 (no reboot), and the domain runs on the target's libvirtd only. Slow (two
+TCG boots): one test."""
 
 from __future__ import annotations
 
@@ -87,6 +89,33 @@ def domain_ids(uri: str) -> set[str]:
         connection.close()
 
 
+def refused_migration(nc: NetworkCloud, name: str, source: str, target: str, daemons: dict) -> None:
+    """The target's libvirtd refuses connections (a firewall rule in its namespace): the migration fails with
+    libvirt's reason, the guest keeps running on its source only, and the disk prepared on the target goes."""
+    lab_target = nc.lab_hosts[target]
+    lab_target.exec(["nft", "-f", "-"], input="table inet cumulo_test_block {\n chain input {\n"
+                    "  type filter hook input priority 0;\n  tcp dport 16509 reject with tcp reset\n }\n}\n")
+    try:
+        nc.create("virtualmachinemigrations", "VirtualMachineMigration", f"refused-{name}",
+                  {"virtualMachine": {"name": name}, "host": target})
+        failed = wait_for(lambda: (s := nc.status("virtualmachinemigrations", f"refused-{name}")).get("phase")
+                          in ("Succeeded", "Failed") and s, timeout=120, interval=0.5, what=f"refused-{name} ends")
+        assert failed["phase"] == "Failed" and failed["reason"] == "MigrationFailed", failed
+        assert "16509" in failed["message"] or "connect" in failed["message"], failed["message"]
+        target_copy = Path(failed["plan"]["disks"][0]["targetPath"])
+        wait_for(lambda: nc.status("virtualmachinemigrations", f"refused-{name}").get("cleanedUp") is True,
+                 what="the target copy removed")
+        assert not target_copy.exists()
+        vm = wait_for(lambda: (s := nc.status("virtualmachines", name)).get("phase") == "Running" and s,
+                      what=f"{name} Running on its source")
+        assert vm["placement"]["host"] == source and "migration" not in vm
+        uid = nc.get("virtualmachines", name)["metadata"]["uid"]
+        assert uid in domain_ids(daemons[source].uri) and uid not in domain_ids(daemons[target].uri)
+        print(f"{name}: refused migration failed with: {failed['message']}")
+    finally:
+        lab_target.exec(["nft", "delete", "table", "inet", "cumulo_test_block"], check=False)
+
+
 def test_live_migration_of_real_guests_shared_and_block_copy(netlab, cloud, kube, control_plane, agents,
                                                            libvirtd_factory, guest: guestimage.TinyGuest,
                                                            tmp_path: Path) -> None:
@@ -135,6 +164,8 @@ def test_live_migration_of_real_guests_shared_and_block_copy(netlab, cloud, kube
                          what=f"{name}'s status page from the netns guest")
         assert first["hostname"] == name and first["boot-count"] == "1", first
         root_before = nc.status("volumes", f"{name}-root")
+        if block_copy:
+            refused_migration(nc, name, source, target, daemons)
         moving_started = time.monotonic()
         with Prober(peer, address) as prober:
             nc.create("virtualmachinemigrations", "VirtualMachineMigration", f"move-{name}",
@@ -171,7 +202,7 @@ def test_live_migration_of_real_guests_shared_and_block_copy(netlab, cloud, kube
             assert done["plan"].get("disks", []) == []
             assert root["path"] == root_before["path"] and root["storagePool"] == f"{nc.cluster}-shared"
         print(f"{name}: {'block copy' if block_copy else 'shared storage'} migration {source} -> {target} took "
-              f"{took:.1f}s (hypervisor {done['node'].get('seconds') if done.get('node') else '?'}s); longest "
+              f"{took:.1f}s ({done['message']}); longest "
               f"service gap {prober.longest_gap():.1f}s over {len(prober.answers)} probes; uptime "
               f"{first['uptime']} -> {after['uptime']}")
     print(f"total {time.monotonic() - started:.1f}s")
