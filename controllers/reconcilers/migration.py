@@ -16,7 +16,7 @@ import typing as t
 
 from controllers import kinds, migration, planner
 from controllers.api.v1alpha1.common import FINALIZER
-from controllers.api.v1alpha1.host import HOST_LABEL
+from controllers.api.v1alpha1.host import HOST_LABEL, HostState
 from controllers.api.v1alpha1.storagepool import PoolScope
 from controllers.api.v1alpha1.virtualmachine import MigrationState, Placement, VirtualMachine
 from controllers.api.v1alpha1.virtualmachinemigration import (
@@ -49,7 +49,12 @@ class VirtualMachineMigrationReconciler(InventoryReconciler):
         def of_vm(vm):
             return [self.key(m.metadata.name, m.metadata.namespace)
                     for m in self.store.by("virtualmachinemigrations", "vm", _vm_key(vm))]
-        return {"virtualmachines": of_vm}
+        def of_down_host(host):
+            if host.status.state != HostState.DOWN:
+                return []
+            return [self.key(m.metadata.name, m.metadata.namespace) for m in self.store.list("virtualmachinemigrations")
+                    if m.status.source_host == host.metadata.name and migration.active(m)]
+        return {"virtualmachines": of_vm, "hosts": of_down_host}
 
     @property
     def vms(self) -> t.Any:
@@ -277,6 +282,12 @@ class VirtualMachineMigrationReconciler(InventoryReconciler):
         plan = status.plan
         report = status.node
         if report is None or report.step != "Migrating" or report.host != plan.source_host or not report.done:
+            source = self.store.get("hosts", plan.source_host)
+            if source is not None and source.status.state == HostState.DOWN:
+                # Fenced (its HA guests are restarted elsewhere): nobody will report; a domain that did land on the
+                # target is not placed there, so the target's sweep removes it.
+                await self._release_target(mig, vm)
+                self._fail(status, "SourceHostDown", f"host {plan.source_host} was found Down while migrating")
             return
         if not report.succeeded:
             await self._release_target(mig, vm)
