@@ -112,6 +112,7 @@ class MigrationReconciler(ObjectReconciler):
             # The network first: the guest's NICs must find their segments the moment it lands.
             await vms._ensure_segments(worker, launch)
             await vms._security_groups(worker, plan.vm_uid, launch)
+            await vms._ceph_secrets(launch.disks, worker.hypervisor)  # RBD disks: the key's libvirt secret
             if worker.hypervisor.local_files:
                 user_data, _note = await vms._user_data(vm, launch)
                 domain_name = vmspec.domain_name(namespace, name, plan.vm_uid)

@@ -4,7 +4,10 @@ A data volume stays Allocated (no pool, no disk) until it is attached to a place
 pool that guest's host reaches; a root volume gets the pool the planner chose with its guest. The
 controller writes the resolved target (pool, host, path, size, base image) into status and labels the
 volume with the host; that host's agent creates, resizes and deletes the disk and reports in
-``status.node``.
+``status.node``. On an RBD pool the path is an image name (``volume-<uid>``), the base image the pool's template
+image snapshot (``template-<uid>@base``) and ``status.rbd`` carries the pool's Ceph access for the agent. A new
+data volume a pool cannot take (capacity × overprovisioning factor − allocated, every pool type) is refused with
+``InsufficientCapacity``; root volumes were checked by the planner with their guest.
 
 One-shot operations, all while the guest using the volume is Stopped (else a condition says so and nothing
 happens):

@@ -37,3 +37,23 @@ def test_pool_usage_is_what_the_pool_holds_plus_what_it_can_still_take() -> None
     assert pool_usage(df, "cloud") == (1000, 100)
     assert pool_usage(df, "missing") is None
     assert pool_usage({}, "cloud") is None
+
+
+def test_an_rbd_launch_disk_becomes_a_network_disk_with_a_stable_secret() -> None:
+    from controllers.api.v1alpha1.virtualmachine import LaunchDisk
+    from hostagent import vmspec
+
+    disk = LaunchDisk.model_validate({
+        "volume": "vm-root", "device": "vda", "pool": "p1", "poolType": "RBD", "path": "cloud/volume-u1",
+        "format": "raw", "sizeBytes": 1, "rbd": {"monitors": ["10.0.0.2:6789", "10.0.0.1:6789"], "pool": "cloud",
+                                                  "user": "cumulo", "secretRef": {"namespace": "s", "name": "n",
+                                                                                  "key": "k"}}})
+    device = vmspec.disk_device(disk, "vda")
+    assert device.path == "cloud/volume-u1" and device.format == "raw"
+    assert device.network is not None and device.network.hosts == ("10.0.0.2:6789", "10.0.0.1:6789")
+    assert device.network.user == "cumulo"
+    # One secret per cluster and client, whatever the monitors' order: every host and restart names the same.
+    assert device.network.secret_uuid == vmspec.libvirt_secret_uuid(["10.0.0.1:6789", "10.0.0.2:6789"], "cumulo")
+    assert device.network.secret_uuid != vmspec.libvirt_secret_uuid(["10.0.0.1:6789"], "cumulo")
+    plain = vmspec.disk_device(disk.model_copy(update={"rbd": None, "path": "/p/d.qcow2"}), "vda")
+    assert plain.network is None
