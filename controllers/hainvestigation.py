@@ -21,9 +21,13 @@ both silent for ``down_after`` > ``fence_after`` + one heartbeat interval + one 
 agent, if it runs at all, has fenced. Heartbeat stamps are wall-clock times compared across hosts: hosts keep
 their clocks in sync (NTP), as CloudStack's heartbeat file assumes; a skew eats into that margin.
 
-Limits: the fencing is done by the agent, so an agent process that is dead or hung for ``down_after`` while its
-QEMU processes run is taken for a dead host (CloudStack adds a check of the guests' disk activity; not done here):
-run the agent under a supervisor that restarts it well within ``down_after``. A guest whose live migration is under
+VM activity (CloudStack's KVMHAVMActivityChecker): the fencing is done by the agent, so an agent process dead or hung
+while its QEMU processes run would look like a dead host. Neighbours therefore also look at the disk files of the
+suspect's HA guests (SharedMountPoint pools): a file modified after the suspect's last heartbeat stamp plus the
+agents' ``--fence-after`` and two heartbeat intervals belongs to a guest still running where it should have been
+fenced, and the host is Alert (``GuestActivity``), never Down. Limits: a guest that writes nothing is not seen (run
+the agent under a supervisor that restarts it well within ``down_after``); RBD disks are not checked yet; the file
+times come from the storage's clock. A guest whose live migration is under
 way when its source is found Down stays Migrating until the migration ends or fails.
 """
 
@@ -75,6 +79,21 @@ def heartbeat_pools(reachable: t.Iterable[str], pools: t.Mapping[str, t.Any]) ->
     return found
 
 
+MAX_ACTIVITY_DISKS = 32
+"""Disk files per pool a neighbour checks for guest activity (bounds the request annotation)."""
+
+
+def with_activity_disks(pools: list[HeartbeatPool], disks: t.Iterable[tuple[str, str, str]]) -> list[HeartbeatPool]:
+    """The heartbeat pools with the disk files of the suspect's HA guests on them (``disks``: pool name, pool
+    type, path), for the VM activity check; files only (SharedMountPoint)."""
+    by_pool: dict[str, list[str]] = {}
+    for pool_name, pool_type, path in disks:
+        if pool_type == "SharedMountPoint":
+            by_pool.setdefault(pool_name, []).append(path)
+    return [pool.model_copy(update={"disks": sorted(set(by_pool.get(pool.name, [])))[:MAX_ACTIVITY_DISKS]})
+            for pool in pools]
+
+
 def choose_neighbours(suspect: str, pools: list[HeartbeatPool], candidates: t.Iterable[Neighbour],
                       limit: int = NEIGHBOURS) -> dict[str, list[HeartbeatPool]]:
     """Up hosts (never the suspect) reaching at least one heartbeat pool, by name, at most ``limit``; each
@@ -112,6 +131,12 @@ def verdict(suspect: str, pools: list[HeartbeatPool], asked: t.Mapping[str, list
             read = answer.get(pool.name)
             if read is None:
                 continue
+            if read.readable and read.guest_activity:
+                return Verdict(Outcome.ALIVE, Check.failed(
+                    "GuestActivity",
+                    f"host {neighbour} sees a guest of {suspect} still running on pool {pool.name} "
+                    f"({read.guest_activity}) although the host should have fenced itself: its agent is not "
+                    "fencing (dead or hung?); nothing is restarted"))
             if read.readable and read.fresh:
                 return Verdict(Outcome.ALIVE, Check.failed(
                     "StorageHeartbeatFresh",

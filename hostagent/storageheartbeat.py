@@ -109,6 +109,22 @@ class FileHeartbeatStore:
         except (OSError, TimeoutError) as error:
             raise HeartbeatError(f"cannot read {self.path(pool, host)}: {error or 'timed out'}") from None
 
+    async def modified(self, paths: list[str]) -> dict[str, float]:
+        """Modification times of the files that exist (the VM activity check)."""
+        def stat() -> dict[str, float]:
+            found = {}
+            for path in paths:
+                try:
+                    found[path] = os.stat(path).st_mtime
+                except OSError:
+                    continue
+            return found
+
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(stat), IO_TIMEOUT)
+        except TimeoutError:
+            return {}
+
 
 class MemoryHeartbeatStore:
     """Simulated hosts: one in-memory "pool" per pool name, shared by every simulated host of the process.
@@ -206,6 +222,17 @@ def peer_heartbeat(stamp: float | None, now: float, stale_after: float) -> PeerH
                          message=f"not written for more than {stale_after:g}s")
 
 
+def guest_activity(stamp: float | None, modified: t.Mapping[str, float], fence_after: float,
+                   interval: float) -> str | None:
+    """A disk file written after the suspect should have fenced itself (its last heartbeat stamp + fence_after + two
+    intervals): the path, else None. No stamp: nothing to measure against."""
+    if stamp is None:
+        return None
+    bound = stamp + fence_after + 2 * interval
+    late = sorted(path for path, mtime in modified.items() if mtime > bound)
+    return f"{late[0]} written after the host should have fenced itself" if late else None
+
+
 def requests_of(host: t.Mapping[str, t.Any] | None) -> dict[str, InvestigationRequest]:
     """The investigations the controller asks of this host (its Host's annotations), by suspect."""
     found: dict[str, InvestigationRequest] = {}
@@ -294,6 +321,11 @@ class StorageHeartbeat:
                     reading = PeerHeartbeat(readable=False, message=str(error))
                 else:
                     reading = peer_heartbeat(stamp, time.time(), request.stale_after_seconds)
+                    modified = getattr(self.store, "modified", None)
+                    if not reading.fresh and pool.disks and modified is not None:
+                        active = guest_activity(stamp, await modified(pool.disks), self.fence_after, self.interval)
+                        if active is not None:
+                            reading = reading.model_copy(update={"guest_activity": active})
                 answer[pool.name] = reading.model_dump(by_alias=True, mode="json", exclude_none=True)
         if answers != self.answers:
             if answers:

@@ -176,6 +176,10 @@ class HostReconciler(InventoryReconciler):
         reachable = [pool for pool, report in node.storage_pools.items() if report.reachable] if node else []
         pools = hainvestigation.heartbeat_pools(
             reachable, {pool: self.store.get("storagepools", pool) for pool in reachable})
+        pools = hainvestigation.with_activity_disks(pools, [
+            (disk.pool, disk.pool_type, disk.path)
+            for vm in self.store.by("virtualmachines", ".status.placement.host", name)
+            if vm.status.launch is not None and vm.status.launch.ha_enabled for disk in vm.status.launch.disks])
         others = self.store.by("hosts", "ha-zone", host.status.zone) if host.status.zone else []
         candidates = [hainvestigation.Neighbour(
             other.metadata.name, other.status.state == HostState.UP,

@@ -4,6 +4,8 @@ check each agent-side step on the real thing:
 
 * both agents write their storage heartbeat files on the shared pool; asked to investigate, host 2 reads host 1's
   as fresh;
+* host 1's agent hangs (SIGSTOP) while its guest keeps writing its disk: host 2 reports the guest's activity (the
+  host must not be taken for dead); it resumes without harm;
 * host 1's agent is cut off from the API (its connection goes through a proxy the test closes) and from the pool
   (the directory is remounted read-only in the agent's own mount namespace; its QEMU still writes the disk): it
   fences itself, destroying the guest's real domain, and host 2 reads its heartbeat as stale;
@@ -14,7 +16,9 @@ check each agent-side step on the real thing:
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -163,8 +167,8 @@ def test_fenced_libvirt_host_hands_its_ha_guest_over(kube, control_plane, agents
          f'mount --bind "$0" "$0" && exec "$@"', str(shared), *args1],
         stdout=log1, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
-    def in_agent1(*command: str) -> None:
-        subprocess.run(["nsenter", "-t", str(agent1.pid), "-m", *command], check=True)
+    def in_agent1(*command: str) -> bool:
+        return subprocess.run(["nsenter", "-t", str(agent1.pid), "-m", *command], capture_output=True).returncode == 0
 
     try:
         agents.start(host2, "--host", host2, "--libvirt-uri", lv2.uri, "--host-netns", h2.netns,
@@ -201,10 +205,32 @@ def test_fenced_libvirt_host_hands_its_ha_guest_over(kube, control_plane, agents
 
         wait_for(lambda: answer().get("fresh") is True, timeout=30, what="host 2 reading a fresh heartbeat")
 
+        # Host 1's agent hangs (SIGSTOP): both its heartbeats stop and nothing fences, but its guest still writes
+        # its disk (the test touches the file as a write would): host 2 reports guest activity, so the host must not
+        # be taken for dead.
+        request["pools"][0]["disks"] = [str(root)]
+        cloud.patch("hosts", host2, {"metadata": {"annotations": {investigate_annotation(host1): json.dumps(request)}}})
+        os.kill(agent1.pid, signal.SIGSTOP)
+        try:
+            def written() -> dict:
+                os.utime(root)
+                return answer()
+
+            seen = wait_for(lambda: (a := written()).get("guestActivity") and a, timeout=30,
+                            what="host 2 seeing the guest's disk written after host 1 should have fenced")
+            assert seen["fresh"] is False and str(root) in seen["guestActivity"]
+        finally:
+            os.kill(agent1.pid, signal.SIGCONT)
+        wait_for(lambda: answer().get("fresh") is True and "guestActivity" not in answer(), timeout=30,
+                 what="host 1 writing its heartbeat again after the hang")
+        assert guests.node("ha").get("domainState") == "running" and len(domain_names(lv1.uri)) == 1
+
         # Host 1 is cut off from the API and from the pool: it fences itself, host 2 reads the heartbeat stale.
         cut = time.monotonic()
         proxy.cut()
-        in_agent1("mount", "-o", "remount,bind,ro", str(shared))
+        # A read-only remount fails while a file is open for writing (a heartbeat being written): retry.
+        wait_for(lambda: in_agent1("mount", "-o", "remount,bind,ro", str(shared)), timeout=10, interval=0.05,
+                 what="the pool read-only for host 1's agent")
         wait_for(lambda: not domain_names(lv1.uri), timeout=30, what="host 1's agent destroying its HA domain")
         fenced_after = time.monotonic() - cut
         wait_for(lambda: answer().get("fresh") is False and answer().get("readable") is True, timeout=30,
@@ -222,7 +248,7 @@ def test_fenced_libvirt_host_hands_its_ha_guest_over(kube, control_plane, agents
         assert len(domain_names(lv2.uri)) == 1
 
         # Host 1 comes back: it does not run the guest again; the disk stays where host 2 uses it.
-        in_agent1("mount", "-o", "remount,bind,rw", str(shared))
+        assert in_agent1("mount", "-o", "remount,bind,rw", str(shared))
         proxy.start()
         wait_for(lambda: float(beat1.read_text()) > time.time() - 3, timeout=30, what="host 1 writing again")
         time.sleep(8)  # several resyncs and sweeps of host 1's agent

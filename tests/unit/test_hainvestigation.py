@@ -12,6 +12,7 @@ from hostagent.storageheartbeat import (
     FileHeartbeatStore,
     HeartbeatError,
     MemoryHeartbeatStore,
+    guest_activity,
     peer_heartbeat,
     requests_of,
     should_fence,
@@ -126,3 +127,28 @@ def test_requests_come_from_the_hosts_own_annotations():
     assert requests_of(host) == {"h0": request}
     long_name = "h" * 100
     assert len(investigate_annotation(long_name).split("/", 1)[1]) <= 63
+
+
+def test_guest_activity_after_the_fencing_bound_means_alive():
+    # Last heartbeat at 1000; fencing must be done by 1000 + 60 + 2 × 10 = 1080.
+    assert guest_activity(1000.0, {"/p/a.qcow2": 1079.0}, fence_after=60, interval=10) is None
+    active = guest_activity(1000.0, {"/p/a.qcow2": 1079.0, "/p/b.qcow2": 1090.0}, fence_after=60, interval=10)
+    assert active is not None and "/p/b.qcow2" in active
+    assert guest_activity(None, {"/p/a.qcow2": 5000.0}, fence_after=60, interval=10) is None
+    answers = {"h1": {"nfs1": PeerHeartbeat(readable=True, fresh=False, guest_activity=active)}}
+    verdict = ha.verdict("h0", [P1], {"h1": [P1]}, answers, lease_age=1000, down_after=30)
+    assert verdict.outcome == ha.Outcome.ALIVE and verdict.check.reason == "GuestActivity"
+
+
+def test_activity_disks_are_the_shared_files_of_each_pool():
+    pools = ha.with_activity_disks([P1, P2], [("nfs1", "SharedMountPoint", "/mnt/nfs1/b"),
+                                              ("nfs1", "SharedMountPoint", "/mnt/nfs1/a"),
+                                              ("local", "Filesystem", "/var/x"), ("nfs2", "RBD", "pool/img")])
+    assert [p.disks for p in pools] == [["/mnt/nfs1/a", "/mnt/nfs1/b"], []]
+
+
+def test_file_store_modification_times(tmp_path):
+    disk = tmp_path / "disk.qcow2"
+    disk.write_text("x")
+    found = asyncio.run(FileHeartbeatStore().modified([str(disk), str(tmp_path / "missing")]))
+    assert list(found) == [str(disk)]

@@ -107,6 +107,10 @@ class HeartbeatPool(Model):
     name: str = Field(description="StoragePool name.")
     type: str = Field(description="SharedMountPoint or RBD.")
     path: str = Field(description="Mount point (SharedMountPoint) or Ceph pool (RBD).")
+    disks: list[str] = Field(
+        default_factory=list, description="Disk files of the suspect's HA guests on this pool: one written after "
+        "the suspect should have fenced itself shows a guest still running (CloudStack's VM activity check)."
+    )
 
 
 class InvestigationRequest(Model):
@@ -123,6 +127,10 @@ class PeerHeartbeat(Model):
     readable: bool = Field(description="The neighbour could read the pool.")
     fresh: bool | None = Field(None, description="Written within staleAfterSeconds; unknown when unreadable.")
     last_write: datetime.datetime | None = Field(None, description="When the suspect last wrote it (its clock).")
+    guest_activity: str | None = Field(
+        None, description="A disk of the suspect's HA guests written after it should have fenced itself: its guests "
+        "still run, so nothing may restart them elsewhere."
+    )
     message: str = Field("", description="Why unreadable, or what was found.")
 
 
