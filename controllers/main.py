@@ -16,7 +16,7 @@ import typing as t
 
 import kopf
 
-from controllers import kinds, leader, metrics, webhook
+from controllers import kinds, leader, metrics, snapshotpolicy, webhook
 from controllers import log as controller_log
 from controllers.api.v1alpha1.common import GROUP, SYSTEM_NAMESPACE
 from controllers.kubeapi import KubeApi, load_client
@@ -68,6 +68,7 @@ def register(registry: kopf.OperatorRegistry, options: argparse.Namespace,
         runtime = Runtime(KubeApi(load_client(options.kubeconfig, pool_size=options.workers + 8),
                                   threads=options.workers + 4), kinds.ALL, reconcilers.ALL, workers=options.workers)
         runtime.reconcilers["hosts"].alert_after_seconds = options.host_alert_after
+        runtime.reconcilers["volumes"].policy_clock = snapshotpolicy.ScaledClock(options.snapshot_policy_time_scale)
         runtime.reconcilers["hosts"].down_after_seconds = options.host_down_after
         metrics.watch_runtime(runtime)
         await until_done(lambda: webhook.setup(settings, options, runtime.api.client), "setting up the webhook")
@@ -152,6 +153,8 @@ def parse_args(argv: t.Sequence[str] | None) -> argparse.Namespace:
                         "(fenced) and its HA guests restart elsewhere; keep it above the agents' --fence-after plus "
                         "their heartbeat and check intervals")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--snapshot-policy-time-scale", type=float, default=1.0,
+                        help="tests only: snapshot policy schedules run this many times faster than real time")
     webhook.add_arguments(parser)
     election = parser.add_argument_group("leader election (one active replica; see controllers/leader.py)")
     election.add_argument("--leader-elect", action="store_true",

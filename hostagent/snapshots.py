@@ -45,8 +45,10 @@ class SnapshotReconciler(ObjectReconciler):
         primary = (status.get("primary") or {}).get("path")
         secondary = (status.get("secondary") or {}).get("path")
         disk = status.get("disk")
-        if worker is None or not primary or not secondary or not disk:
-            return None
+        if worker is None or not secondary or not disk:
+            return None  # not handed to this agent (yet)
+        # The controller drops status.primary once the agent reported it removed; the primary path is then
+        # not needed any more (and a deletion removes only the backup).
         storage = worker.storage
         report = dict(status.get("node") or {})
         report.pop("message", None)
@@ -57,12 +59,15 @@ class SnapshotReconciler(ObjectReconciler):
         try:
             if snapshot["metadata"].get("deletionTimestamp"):
                 if not report.get("deleted"):
-                    await storage.delete_snapshot(primary)
+                    if primary:
+                        await storage.delete_snapshot(primary)
                     await storage.delete_snapshot(secondary)
                     self.transition(key, "step", "deleted", logging.INFO, "snapshot copies removed",
                                     primary=primary, secondary=secondary)
                     await self.report(key, snapshot, {**report, "deleted": True, "message": ""})
                 return None
+            if not primary:
+                return None  # removed after the backup: nothing left to do but a deletion
             if not report.get("taken"):
                 live = False
                 if not await storage.snapshot_exists(primary):

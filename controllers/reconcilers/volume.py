@@ -20,16 +20,26 @@ happens):
   pool, path and host switch to the copy (``CleaningUp``) and the agent removes the source; until the switch
   the source is the volume, so an interrupted copy loses nothing and is simply redone (condition ``Migrated``);
 * ``spec.fromSnapshot``: the new disk is a copy of the snapshot's backup (``status.sourceImage``).
+
+Snapshot policies (:mod:`controllers.snapshotpolicy`): when a policy's due time has passed (and at most half
+a period ago: due times missed for longer, while the controller was down, are skipped as CloudStack does),
+the controller creates that due time's Snapshot (named after it, labelled with the policy, so a retry makes
+no second one), deletes the policy's oldest snapshots beyond ``maxSnapshots``, and requeues the volume at the
+next due time. Condition ``SnapshotPolicy`` says when a schedule cannot be read.
 """
 
 from __future__ import annotations
 
+import datetime
 import math
 import typing as t
 
 from controllers import inventory, kinds
+from controllers import snapshotpolicy as policies
 from controllers.api.v1alpha1 import Volume
+from controllers.api.v1alpha1.common import API_VERSION
 from controllers.api.v1alpha1.host import HOST_LABEL, HostState
+from controllers.api.v1alpha1.snapshot import POLICY_LABEL
 from controllers.api.v1alpha1.storagepool import PoolScope, PoolType, StoragePool
 from controllers.api.v1alpha1.template import ImageFormat, TemplateState
 from controllers.api.v1alpha1.volume import (
@@ -43,6 +53,7 @@ from controllers.api.v1alpha1.volume import (
 from controllers.conditions import Check, find, first_failure
 from controllers.reconcilers.base import InventoryReconciler
 from controllers.reconcilers.snapshot import backed_up
+from controllers.runtime import Result
 
 GIB = 1024**3
 
@@ -96,6 +107,8 @@ class VolumeReconciler(InventoryReconciler):
 
     def setup(self) -> None:
         super().setup()
+        self.policy_clock = policies.ScaledClock()
+        self.index("snapshots", ".spec.volume.name", lambda s: [f"{s.metadata.namespace}/{s.spec.volume.name}"])
         self.index("volumes", "vm", lambda v: [f"{v.metadata.namespace}/{v.spec.virtual_machine.name}"]
                    if v.spec.virtual_machine else [])
         self.index("volumes", "fromTemplate", lambda v: [
@@ -291,8 +304,67 @@ class VolumeReconciler(InventoryReconciler):
         else:
             status.phase = VolumePhase.CREATING.value if status.path else VolumePhase.ALLOCATED.value
         status.conditions = inventory.conditions(previous.conditions, volume.metadata.generation, ctx, ready,
-                                                 Migrated=migrated, Reverted=revert)
+                                                 Migrated=migrated, Reverted=revert,
+                                                 SnapshotPolicy=self._policy_check(volume))
         return status
+
+    # -- snapshot policies ------------------------------------------------------------------------
+
+    @staticmethod
+    def _schedules(volume: Volume) -> tuple[list[tuple[t.Any, policies.Schedule]], list[str]]:
+        good, bad = [], []
+        for policy in volume.spec.snapshot_policies:
+            try:
+                good.append((policy, policies.parse(policy.interval_type.value, policy.schedule, policy.timezone)))
+            except policies.ScheduleError as error:
+                bad.append(f"{policy.interval_type.value}: {error}")
+        return good, bad
+
+    def _policy_check(self, volume: Volume) -> Check | None:
+        if not volume.spec.snapshot_policies:
+            return None
+        _good, bad = self._schedules(volume)
+        if bad:
+            return Check.failed("InvalidSchedule", "; ".join(bad))
+        return Check.passed("Scheduled", ", ".join(p.interval_type.value for p in volume.spec.snapshot_policies))
+
+    async def _run_policies(self, volume: Volume, status: VolumeStatus) -> None:
+        schedules, _bad = self._schedules(volume)
+        if not schedules:
+            return
+        ready = status.node is not None and status.node.exists and status.migration is None and status.revert is None
+        now = self.policy_clock.now()
+        key = f"{volume.metadata.namespace}/{volume.metadata.name}"
+        mine = self.store.by("snapshots", ".spec.volume.name", key)
+        for policy, schedule in schedules:
+            interval = policy.interval_type.value
+            made = [s for s in mine if s.metadata.labels.get(POLICY_LABEL) == interval
+                    and s.metadata.deletion_timestamp is None]
+            due = policies.previous_due(schedule, now)
+            name = policies.snapshot_name(volume.metadata.name, interval, due)
+            created = volume.metadata.creation_timestamp
+            fresh = 0
+            if ready and now - due <= policies.period(schedule) / 2 and (created is None or due >= created) \
+                    and not any(s.metadata.name == name for s in mine):
+                await self.runtime.api.create(kinds.SNAPSHOTS, {
+                    "apiVersion": API_VERSION, "kind": "Snapshot",
+                    "metadata": {"name": name, "namespace": volume.metadata.namespace,
+                                 "labels": {POLICY_LABEL: interval}},
+                    "spec": {"volume": {"name": volume.metadata.name},
+                             "displayText": f"{interval} snapshot policy of {volume.metadata.name}"}})
+                fresh = 1  # in the store with the next watch event; it counts already
+            epoch = datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
+            for old in policies.to_delete([(s.metadata.name, s.metadata.creation_timestamp or epoch) for s in made],
+                                          policy.max_snapshots - fresh):
+                await self.runtime.api.delete(kinds.SNAPSHOTS, old, volume.metadata.namespace)
+
+    def requeue(self, volume: Volume) -> Result:
+        schedules, _bad = self._schedules(volume)
+        if not schedules or volume.metadata.deletion_timestamp is not None:
+            return Result()
+        now = self.policy_clock.now()
+        soonest = min(policies.next_due(schedule, now) for _policy, schedule in schedules)
+        return Result(self.policy_clock.real_seconds(soonest) + 0.5)
 
     def _migration(self, volume: Volume, vm: t.Any, ctx: inventory.Context) -> tuple[MigrationTarget | None,
                                                                                      Check | None]:
@@ -392,6 +464,7 @@ class VolumeReconciler(InventoryReconciler):
         return False
 
     async def act(self, volume: Volume, status: VolumeStatus) -> None:
+        await self._run_policies(volume, status)
         if status.host and volume.metadata.labels.get(HOST_LABEL) != status.host:
             await self.runtime.api.set_label(self.kind, volume.metadata.name, volume.metadata.namespace, HOST_LABEL,
                                              status.host)

@@ -207,6 +207,12 @@ def test_snapshot_revert_volume_and_template_from_snapshot(cloud, kube, control_
     assert not live_primary.exists() and not live_backup.exists()
     wait_for(lambda: cloud.get("imagestores", store).get("status", {}).get("snapshots") == 1, timeout=30,
              what="the ImageStore counting 1 snapshot")
+    # One whose primary copy went after the backup: its backup goes (the volume made from it keeps its disk).
+    objects.delete("snapshots", "snap-a")
+    wait_for(lambda: objects.get("snapshots", "snap-a") is None, timeout=60, what="Snapshot snap-a gone")
+    assert not backup_a.exists() and Path(restored["status"]["path"]).is_file()
+    wait_for(lambda: cloud.get("imagestores", store).get("status", {}).get("snapshots") == 0, timeout=30,
+             what="the ImageStore counting no snapshot")
 
     for name, value in figures.items():
         record_property(name, round(value, 2))
