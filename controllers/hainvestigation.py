@@ -28,7 +28,7 @@ agents' ``--fence-after`` and two heartbeat intervals belongs to a guest still r
 fenced, and the host is Alert (``GuestActivity``), never Down. Limits: a guest that writes nothing is not seen (run
 the agent under a supervisor that restarts it well within ``down_after``); RBD disks are not checked yet; the file
 times come from the storage's clock. A guest whose live migration is under
-way when its source is found Down stays Migrating until the migration ends or fails.
+way when its source is found Down fails (SourceHostDown, controllers/reconcilers/migration.py), then HA acts.
 """
 
 from __future__ import annotations

@@ -40,7 +40,14 @@ from .drivers.network import NetworkDriver, NetworkError
 from .drivers.storage import StorageDriver, StorageError
 from .faults import FaultConfigError, FaultInjector, parse_faults
 from .heartbeat import Heartbeat
-from .storageheartbeat import FileHeartbeatStore, HeartbeatStore, MemoryHeartbeatStore, StorageHeartbeat
+from .storageheartbeat import (
+    FileHeartbeatStore,
+    HeartbeatStore,
+    MemoryHeartbeatStore,
+    PoolTypeHeartbeatStore,
+    RadosHeartbeatStore,
+    StorageHeartbeat,
+)
 from .migrations import MigrationReconciler
 from .kube import MERGE_PATCH, AsyncKube, Informer, KubeError, resource_path
 from .rbdpools import RbdPools
@@ -91,7 +98,8 @@ class HostWorker:
         config = agent.config
         self.heartbeat = Heartbeat(agent.api, name, interval=config.heartbeat_interval,
                                    duration=config.lease_duration, faults=faults)
-        store: HeartbeatStore = MemoryHeartbeatStore(faults) if faults is not None else FileHeartbeatStore()
+        store: HeartbeatStore = MemoryHeartbeatStore(faults) if faults is not None else PoolTypeHeartbeatStore(
+            FileHeartbeatStore(), RadosHeartbeatStore(self._rbd_driver) if getattr(agent, "rbd_pools", None) else None)
         self.storage_heartbeat = StorageHeartbeat(self, store, interval=config.storage_heartbeat_interval,
                                                   fence_after=config.fence_after)
         self.host: dict[str, t.Any] | None = None
@@ -283,15 +291,26 @@ class HostWorker:
         return node.model_dump(by_alias=True, mode="json")
 
     def _heartbeat_pools(self, names: set[str]) -> list[HeartbeatPool]:
-        """The shared pools (SharedMountPoint; RBD once its driver lands) among the host's pools."""
+        """The shared pools (SharedMountPoint, RBD) among the host's pools."""
         found = []
         for pool in self.agent.pools.cache.values():
             spec = pool.get("spec") or {}
             name = pool["metadata"]["name"]
-            if name in names and spec.get("type") == PoolType.SHARED_MOUNT_POINT and \
-                    spec.get("scope") != PoolScope.HOST and spec.get("path"):
+            if name not in names or spec.get("scope") == PoolScope.HOST:
+                continue
+            if spec.get("type") == PoolType.SHARED_MOUNT_POINT and spec.get("path"):
                 found.append(HeartbeatPool(name=name, type=spec["type"], path=spec["path"]))
+            elif spec.get("type") == PoolType.RBD and (spec.get("rbd") or {}).get("pool"):
+                found.append(HeartbeatPool(name=name, type=spec["type"], path=spec["rbd"]["pool"]))
         return sorted(found, key=lambda pool: pool.name)
+
+    async def _rbd_driver(self, name: str) -> t.Any:
+        """The RBD driver of StoragePool ``name`` (the storage heartbeat's RADOS objects), None if not RBD."""
+        pool = next((p for p in self.agent.pools.cache.values() if p["metadata"]["name"] == name), None)
+        rbd = ((pool or {}).get("spec") or {}).get("rbd")
+        if not rbd or self.agent.rbd_pools is None:
+            return None
+        return await self.agent.rbd_pools.driver(name, rbd)
 
     async def _report(self) -> None:
         node = await self.gather()

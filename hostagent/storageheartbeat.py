@@ -16,8 +16,7 @@
 
 Heartbeat stores sit behind :class:`HeartbeatStore`: files (:class:`FileHeartbeatStore`), memory (simulated hosts)
 and RADOS objects ``cumulo-heartbeat.<host>`` in an RBD pool's Ceph pool (:class:`RadosHeartbeatStore`, through the
-pool's RBD storage driver; used once the agent runs RBD pools, which it does not yet: the inventory reports them
-unsupported).
+pool's RBD storage driver); :class:`PoolTypeHeartbeatStore` picks one by pool type.
 """
 
 from __future__ import annotations
@@ -150,23 +149,22 @@ class MemoryHeartbeatStore:
 class RadosHeartbeatStore:
     """An object ``cumulo-heartbeat.<host>`` per host in the Ceph pool of an RBD StoragePool, written and read
     through that pool's :class:`~hostagent.drivers.storage.rbd.RbdStorageDriver` (its connection and threads).
-    ``drivers``: the pool's driver by StoragePool name, None when the agent has none for it."""
+    ``drivers``: the pool's driver by StoragePool name (async; None when the agent has none for it)."""
 
     OBJECT = "cumulo-heartbeat.{host}"
 
-    def __init__(self, drivers: t.Callable[[str], t.Any]) -> None:
+    def __init__(self, drivers: t.Callable[[str], t.Awaitable[t.Any]]) -> None:
         self.drivers = drivers
-
-    def _driver(self, pool: HeartbeatPool) -> t.Any:
-        driver = self.drivers(pool.name)
-        if driver is None:
-            raise HeartbeatError(f"no RBD driver for pool {pool.name}")
-        return driver
 
     async def _run(self, pool: HeartbeatPool, function: t.Callable[[t.Any], t.Any]) -> t.Any:
         from .drivers.storage import StorageError  # the RBD driver's errors
 
-        driver = self._driver(pool)
+        try:
+            driver = await self.drivers(pool.name)
+        except StorageError as error:  # the key's Secret
+            raise HeartbeatError(str(error)) from None
+        if driver is None:
+            raise HeartbeatError(f"no RBD driver for pool {pool.name}")
 
         def call() -> t.Any:
             with driver.ioctx() as ioctx:
@@ -201,6 +199,29 @@ class RadosHeartbeatStore:
             return float(data.decode().strip())
         except ValueError:
             raise HeartbeatError(f"Ceph pool {pool.path}: {self.OBJECT.format(host=host)} holds no timestamp") from None
+
+
+class PoolTypeHeartbeatStore:
+    """Files on SharedMountPoint pools, RADOS objects on RBD pools."""
+
+    def __init__(self, files: FileHeartbeatStore, rados: RadosHeartbeatStore | None) -> None:
+        self.files, self.rados = files, rados
+
+    def _store(self, pool: HeartbeatPool) -> t.Any:
+        if pool.type == "RBD":
+            if self.rados is None:
+                raise HeartbeatError(f"pool {pool.name}: this agent has no RBD access")
+            return self.rados
+        return self.files
+
+    async def write(self, pool: HeartbeatPool, host: str, stamp: float) -> None:
+        await self._store(pool).write(pool, host, stamp)
+
+    async def read(self, pool: HeartbeatPool, host: str) -> float | None:
+        return await self._store(pool).read(pool, host)
+
+    async def modified(self, paths: list[str]) -> dict[str, float]:
+        return await self.files.modified(paths)
 
 
 def should_fence(now: float, lease_ok_at: float, storage_ok_at: float, fence_after: float, has_pools: bool) -> bool:

@@ -22,9 +22,12 @@ def test_rados_heartbeat_round_trip(ceph_pool) -> None:
     wrong = RbdStorageDriver(RbdAccess(monitors=(ceph_pool.monitor,), pool="no-such-pool", user=ceph_pool.user,
                                        key=ceph_pool.key), host="h2")
     pool = HeartbeatPool(name="rbd1", type="RBD", path=ceph_pool.name)
-    writer = RadosHeartbeatStore(lambda name: writer_driver if name == "rbd1" else None)
-    reader = RadosHeartbeatStore(lambda name: reader_driver if name == "rbd1" else None)
-    broken = RadosHeartbeatStore(lambda name: wrong)
+    def drivers(driver):
+        async def get(name: str):
+            return driver if name == "rbd1" else None
+        return get
+
+    writer, reader, broken = (RadosHeartbeatStore(drivers(d)) for d in (writer_driver, reader_driver, wrong))
 
     async def scenario() -> None:
         try:

@@ -12,6 +12,7 @@ from hostagent.storageheartbeat import (
     FileHeartbeatStore,
     HeartbeatError,
     MemoryHeartbeatStore,
+    PoolTypeHeartbeatStore,
     guest_activity,
     peer_heartbeat,
     requests_of,
@@ -152,3 +153,21 @@ def test_file_store_modification_times(tmp_path):
     disk.write_text("x")
     found = asyncio.run(FileHeartbeatStore().modified([str(disk), str(tmp_path / "missing")]))
     assert list(found) == [str(disk)]
+
+
+def test_heartbeat_store_by_pool_type(tmp_path):
+    class Rados:
+        def __init__(self):
+            self.written = []
+
+        async def write(self, pool, host, stamp):
+            self.written.append((pool.name, host, stamp))
+
+    rados = Rados()
+    store = PoolTypeHeartbeatStore(FileHeartbeatStore(), rados)
+    asyncio.run(store.write(HeartbeatPool(name="rbd", type="RBD", path="cephpool"), "h0", 7.0))
+    asyncio.run(store.write(HeartbeatPool(name="smp", type="SharedMountPoint", path=str(tmp_path)), "h0", 8.0))
+    assert rados.written == [("rbd", "h0", 7.0)] and (tmp_path / ".cumulo-heartbeat" / "h0").exists()
+    with pytest.raises(HeartbeatError, match="no RBD access"):
+        asyncio.run(PoolTypeHeartbeatStore(FileHeartbeatStore(), None).write(
+            HeartbeatPool(name="rbd", type="RBD", path="cephpool"), "h0", 1.0))
