@@ -5,7 +5,7 @@ The controller labels the migration ``cumulo.io/host=<host>`` of the agent that 
 everything it needs in ``status.plan``; the agent reports under ``status.node`` (one report per step):
 
 * ``PreparingTarget`` (label: the target): the NICs' segments exist on the target and their security groups are
-  in place, the guest's files (console log, config drive) are prepared, and the disks that move (local storage)
+  in place, the Ceph secrets of RBD disks are defined, the guest's files (console log, config drive) are prepared, and the disks that move (local storage)
   are created empty, of the same virtual size, where the plan says; the report gives the files' paths.
 * ``Migrating`` (label: the source): the hypervisor live-migrates the domain peer to peer (memory only on shared
   storage, with block copy of the moving disks on local storage); on failure the domain keeps running here and the
@@ -112,7 +112,8 @@ class MigrationReconciler(ObjectReconciler):
             # The network first: the guest's NICs must find their segments the moment it lands.
             await vms._ensure_segments(worker, launch)
             await vms._security_groups(worker, plan.vm_uid, launch)
-            await vms._ceph_secrets(launch.disks, worker.hypervisor)  # RBD disks: the key's libvirt secret
+            # Network disks (RBD) name a libvirt secret that must exist on the target before the domain lands.
+            await vms._ceph_secrets(launch.disks, worker.hypervisor)
             if worker.hypervisor.local_files:
                 user_data, _note = await vms._user_data(vm, launch)
                 domain_name = vmspec.domain_name(namespace, name, plan.vm_uid)
