@@ -23,7 +23,7 @@ from .kube import AsyncKube, KubeError, resource_path
 
 log = logging.getLogger(__name__)
 
-KEY_TTL = 10.0
+KEY_TTL = 30.0
 
 
 def access_of(rbd: t.Mapping[str, t.Any], key: str) -> t.Any:

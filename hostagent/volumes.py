@@ -16,6 +16,9 @@ The controller resolves the target into the Volume's status (``host``, ``path``,
 * ``migration``: ``Copying``: the source is copied to the target pool and verified equal (``node.migrated``);
   the controller then switches ``path`` to the copy (``CleaningUp``) and the source is deleted
   (``node.sourceRemoved``). A copy cut short (agent killed) is redone; the source stays until the switch.
+
+The driver is the pool's: the host's own for directories, the pool's RBD driver (:mod:`.rbdpools`) when
+``status.rbd`` is set (path: the image name; base image: the pool's template image snapshot it is cloned from).
 """
 
 from __future__ import annotations
