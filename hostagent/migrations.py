@@ -5,13 +5,14 @@ The controller labels the migration ``cumulo.io/host=<host>`` of the agent that 
 everything it needs in ``status.plan``; the agent reports under ``status.node`` (one report per step):
 
 * ``PreparingTarget`` (label: the target): the NICs' segments exist on the target and their security groups are
-  in place, the Ceph secrets of RBD disks are defined, the guest's files (console log, config drive) are prepared, and the disks that move (local storage)
-  are created empty, of the same virtual size, where the plan says; the report gives the files' paths.
+  in place, the Ceph secrets of RBD disks are defined, the guest's files (console log, config drive) are
+  prepared, and the disks that move (local storage) are created empty, of the same virtual size, where the plan
+  says; the report gives the files' paths.
 * ``Migrating`` (label: the source): the hypervisor live-migrates the domain peer to peer (memory only on shared
   storage, with block copy of the moving disks on local storage); on failure the domain keeps running here and the
-  report carries the hypervisor's reason. An agent restarted in the middle finds the outcome in the hypervisors: the
-  domain running at the target is a success, running here a failure (libvirt aborts a peer-to-peer job whose
-  client went away), exactly one of them runs.
+  report carries the hypervisor's reason. An agent restarted in the middle finds the state in the hypervisors: a
+  job still running is waited for; then the domain running at the target is a success, and one still here (no
+  job) is migrated again; exactly one of them runs.
 * ``Succeeded`` with disks copied (label: the source): once the Volumes name their new place, the source copies
   are deleted (only then).
 * ``Failed`` with copies made (label: the target): the pre-created disks are deleted.
@@ -174,6 +175,11 @@ class MigrationReconciler(ObjectReconciler):
                 if landed is None or not landed.active:
                     return {**report, "done": True, "message": "the domain runs neither here nor on the target"}
                 log.info("migration found completed", extra={"object": key, "target": plan.target_host})
+            elif await hypervisor.migrating(plan.vm_uid):
+                # Started before this agent restarted and still under way in the hypervisor: its outcome is
+                # read once it ends (here: gone and running at the target, or still here).
+                self.transition(key, "migrate", "running", logging.INFO, "a migration job is still running")
+                return {**report, "message": "a migration started before the agent restarted is still running"}
             else:
                 log.info("live migration starting", extra={"object": key, "target": plan.target_host,
                                                            "block_copy": bool(plan.disks)})

@@ -205,4 +205,29 @@ def test_live_migration_of_real_guests_shared_and_block_copy(netlab, cloud, kube
               f"{took:.1f}s ({done['message']}); longest "
               f"service gap {prober.longest_gap():.1f}s over {len(prober.answers)} probes; uptime "
               f"{first['uptime']} -> {after['uptime']}")
+    # Back again, with the source's agent SIGKILLed as the move begins and restarted: the restarted agent finds
+    # the hypervisor's state (a job still running is waited for, a domain still here is migrated again) and the
+    # guest ends up running on exactly one host, where its placement says.
+    back_from = nc.status("virtualmachines", "sh")["placement"]["host"]
+    back_to = h1 if back_from == h2 else h2
+    agent = nc.agent_processes[back_from]
+    nc.create("virtualmachinemigrations", "VirtualMachineMigration", "back-sh", {"virtualMachine": {"name": "sh"}})
+    wait_for(lambda: nc.status("virtualmachinemigrations", "back-sh").get("phase") in ("Migrating", "Succeeded",
+                                                                                      "Failed"),
+             timeout=120, interval=0.05, what="back-sh Migrating")
+    agent.kill()
+    time.sleep(1)
+    agent.start()
+    back = wait_for(lambda: (s := nc.status("virtualmachinemigrations", "back-sh")).get("phase")
+                    in ("Succeeded", "Failed") and s, timeout=240, interval=0.5, what="back-sh ends")
+    vm = wait_for(lambda: (s := nc.status("virtualmachines", "sh")).get("phase") == "Running"
+                  and (s.get("node") or {}).get("host") == s["placement"]["host"] and s, timeout=120,
+                  what="sh Running where placed")
+    uid = nc.get("virtualmachines", "sh")["metadata"]["uid"]
+    where = {host for host in (h1, h2) if uid in domain_ids(daemons[host].uri)}
+    assert where == {vm["placement"]["host"]}, (where, vm["placement"], back)
+    assert back["phase"] == "Succeeded" and vm["placement"]["host"] == back_to, back
+    page = wait_for(lambda: status_page(peer, nc.nic("sh")["ipAddress"]), timeout=30, what="sh answering")
+    assert page["boot-count"] == "1", page
+    print(f"sh: migrated back {back_from} -> {back_to} across a SIGKILL of the source's agent: {back['message']}")
     print(f"total {time.monotonic() - started:.1f}s")

@@ -232,6 +232,10 @@ class HypervisorDriver(t.Protocol):
         here. On failure it keeps running here and :class:`HypervisorError` says why."""
         ...
 
+    async def migrating(self, uuid: str) -> bool:
+        """Whether a migration job of the domain is running (one an agent started before it restarted)."""
+        ...
+
     async def domain_at(self, uuid: str, target: MigrationTarget) -> Domain | None:
         """The domain with this UUID on the target's hypervisor, or None (a migration's outcome, when the agent
         restarted while it ran)."""

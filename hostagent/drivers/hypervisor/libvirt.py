@@ -379,6 +379,22 @@ class LibvirtDriver:
             raise HypervisorError(f"live migration to {target.host} did not finish within {target.timeout:g}s") \
                 from None
 
+    async def migrating(self, uuid: str) -> bool:
+        def look(connection: libvirt.virConnect) -> bool:
+            domain = _lookup(connection, uuid)
+            if domain is None or not domain.isActive():
+                return False
+            try:
+                return domain.jobInfo()[0] not in (libvirt.VIR_DOMAIN_JOB_NONE, libvirt.VIR_DOMAIN_JOB_COMPLETED,
+                                                   libvirt.VIR_DOMAIN_JOB_FAILED, libvirt.VIR_DOMAIN_JOB_CANCELLED)
+            except libvirt.libvirtError as error:
+                if error.get_error_code() in GONE:
+                    return False
+                raise
+
+        result: bool = await self._call("job info", look)
+        return result
+
     async def domain_at(self, uuid: str, target: MigrationTarget) -> Domain | None:
         def look() -> Domain | None:
             try:

@@ -372,6 +372,9 @@ class NetnsDriver:
     async def migrate(self, uuid: str, target: t.Any) -> None:
         raise HypervisorError("netns guests cannot be live-migrated (a namespace holds no memory image to move)")
 
+    async def migrating(self, uuid: str) -> bool:
+        return False
+
     async def domain_at(self, uuid: str, target: t.Any) -> Domain | None:
         return None
 

@@ -243,6 +243,9 @@ class SimulatorDriver:
         peer.save()
         self._remove(uuid)
 
+    async def migrating(self, uuid: str) -> bool:
+        return False  # the simulator's migrations live in the agent process: they die with it
+
     async def domain_at(self, uuid: str, target: MigrationTarget) -> Domain | None:
         peer = PEERS.get(target.host)
         return None if peer is None else await peer.domain(uuid)
