@@ -107,6 +107,11 @@ class VolumeReconciler(ObjectReconciler):
                                                                                 f"{user.name} still uses it"})
                     return self.queue.backoff(key)
                 await storage.delete_disk(path)
+                # A storage migration cut short by the deletion: its copy (or its not yet removed source) too.
+                migration = status.get("migration") or {}
+                for extra in (migration.get("path"), migration.get("sourcePath")):
+                    if extra and extra != path and (base is None or extra != base.path):
+                        await storage.delete_disk(extra)
             except (StorageError, HypervisorError) as error:
                 await self.report(key, volume, {"exists": True, "message": f"cannot delete the disk: {error}"})
                 return self.queue.backoff(key)

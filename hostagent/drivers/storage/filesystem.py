@@ -32,6 +32,7 @@ from . import BaseImageRef, DiskState, StorageError
 PROBE_PREFIX = ".cumulo-probe-"
 CREATING_SUFFIX = ".creating"
 COPYING_SUFFIX = ".copying"
+VERIFYING_SUFFIX = ".verifying"
 
 
 def _unreachable(message: str) -> StorageReport:
@@ -176,7 +177,9 @@ class FilesystemStorageDriver:
             raise StorageError(str(error)) from None
 
     async def delete_disk(self, path: str) -> None:
-        _unlink_all((path, path + CREATING_SUFFIX))
+        # With what an interrupted restore or migration copy may have left next to it.
+        _unlink_all((path, path + CREATING_SUFFIX, path + COPYING_SUFFIX, path + VERIFYING_SUFFIX,
+                     path + VERIFYING_SUFFIX + COPYING_SUFFIX))
 
     # -- snapshots, reverts, migrations ---------------------------------------------------------------
 
@@ -218,7 +221,7 @@ class FilesystemStorageDriver:
         await self._convert(source, path)
 
     async def copy_disk(self, source: str, target: str) -> None:
-        temporary = target + ".verifying"
+        temporary = target + VERIFYING_SUFFIX
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         await self._convert(source, temporary)
