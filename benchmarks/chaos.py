@@ -40,6 +40,7 @@ import dataclasses
 import json
 import queue
 import random
+import signal
 import sys
 import threading
 import time
@@ -540,14 +541,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds to converge after each phase")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, state files)")
     args = parser.parse_args(argv)
+
+    def interrupted(signum: int, frame: t.Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM too: the cloud of the current seed is stopped on the way out
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)  # a background job's SIGINT is ignored unless handled
     results = []
-    for seed in parse_seeds(args.seeds):
-        started = time.monotonic()
-        result = run_seed(seed, vms=args.vms, agents=args.agents, hosts_per_agent=args.hosts_per_agent,
-                          tenants=args.tenants, kills=args.kills, apiserver_kills=args.apiserver_kills,
-                          window=args.window, timeout=args.timeout, keep=args.keep)
-        print(result.summary() + f" [{time.monotonic() - started:.0f} s]", flush=True)
-        results.append(result)
+    try:
+        for seed in parse_seeds(args.seeds):
+            started = time.monotonic()
+            result = run_seed(seed, vms=args.vms, agents=args.agents, hosts_per_agent=args.hosts_per_agent,
+                              tenants=args.tenants, kills=args.kills, apiserver_kills=args.apiserver_kills,
+                              window=args.window, timeout=args.timeout, keep=args.keep)
+            print(result.summary() + f" [{time.monotonic() - started:.0f} s]", flush=True)
+            results.append(result)
+    except KeyboardInterrupt:
+        print("interrupted; the seed under way is not counted")
     failed = [r.seed for r in results if not r.ok]
     print(f"{len(results)} seeds, {len(failed)} failed" + (f": {failed}" if failed else ""))
     return 1 if failed else 0
