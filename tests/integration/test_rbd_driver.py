@@ -72,6 +72,30 @@ def test_rbd_driver_templates_clones_volumes(ceph_pool: CephPool, tmp_path, reco
             await driver.delete_disk("volume-data")
             await driver.delete_disk("volume-data")  # a missing one is fine
             assert await driver.images() == []  # the last clone took the template image and its snapshot along
+
+            # A crashed import's leftover (snapshot made and protected, not renamed) is cleared by the next import.
+            def leftover_and_foreign_clone() -> None:
+                import rbd
+
+                with driver.ioctx() as ioctx:
+                    rbd.RBD().create(ioctx, "template-t2.importing-h1", MIB)
+                    with rbd.Image(ioctx, "template-t2.importing-h1") as image:
+                        image.create_snap("base")
+                        image.protect_snap("base")
+                    rbd.RBD().create(ioctx, "volume-src", MIB)  # a clone of a volume's snapshot
+                    with rbd.Image(ioctx, "volume-src") as image:
+                        image.create_snap("s1")
+                        image.protect_snap("s1")
+                    rbd.RBD().clone(ioctx, "volume-src", "s1", ioctx, "volume-child",
+                                    features=rbd.RBD_FEATURE_LAYERING)
+
+            await asyncio.to_thread(leftover_and_foreign_clone)
+            await driver.create_disk("volume-root3", MIB, BaseImageRef(source=str(template), path="template-t2@base",
+                                                                       format="qcow2"))
+            assert "template-t2.importing-h1" not in await driver.images()
+            await driver.delete_disk("volume-root3")
+            await driver.delete_disk("volume-child")
+            assert await driver.images() == ["volume-src"]  # only template images go with their last clone
         finally:
             await driver.close()
 

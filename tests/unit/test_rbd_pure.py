@@ -5,6 +5,7 @@ from __future__ import annotations
 from hostagent.drivers.storage.rbd import (
     RbdAccess,
     ceph_conf_text,
+    is_template_image,
     keyring_text,
     pool_usage,
     qemu_uri,
@@ -57,3 +58,10 @@ def test_an_rbd_launch_disk_becomes_a_network_disk_with_a_stable_secret() -> Non
     assert device.network.secret_uuid != vmspec.libvirt_secret_uuid(["10.0.0.1:6789"], "cumulo")
     plain = vmspec.disk_device(disk.model_copy(update={"rbd": None, "path": "/p/d.qcow2"}), "vda")
     assert plain.network is None
+
+
+def test_only_template_images_go_with_their_last_clone() -> None:
+    assert is_template_image("template-u1", "base")
+    assert not is_template_image("template-u1", "snap-1")
+    assert not is_template_image("volume-u1", "base")  # a clone of a volume's snapshot leaves the volume alone
+    assert not is_template_image("template-u1.importing-h1", "base")

@@ -38,6 +38,7 @@ from ...images import DownloadRequest, DownloadResult, Progress
 from . import BaseImageRef, DiskState, StorageError
 
 TEMPLATE_SNAPSHOT = "base"
+TEMPLATE_PREFIX = "template-"
 PROBE_OBJECT = "cumulo-probe-{host}"
 CONNECT_TIMEOUT = 10
 
@@ -60,6 +61,12 @@ def split_snapshot(path: str) -> tuple[str, str]:
     """``image@snapshot`` -> (image, snapshot); the snapshot defaults to :data:`TEMPLATE_SNAPSHOT`."""
     image, _, snapshot = path.partition("@")
     return image, snapshot or TEMPLATE_SNAPSHOT
+
+
+def is_template_image(image: str, snapshot: str) -> bool:
+    """Whether ``image@snapshot`` is a pool's template image (the only parent the driver removes with its last
+    clone; a clone of anything else, a volume's snapshot say, leaves its parent alone)."""
+    return image.startswith(TEMPLATE_PREFIX) and "." not in image and snapshot == TEMPLATE_SNAPSHOT
 
 
 def rados_conf(access: RbdAccess) -> dict[str, str]:
@@ -287,17 +294,23 @@ class RbdStorageDriver:
                 return
             if not os.path.isfile(base.source):
                 raise StorageError(f"template image {base.source} does not exist")
-            temporary = f"{image}.importing-{self.host}-{os.getpid()}"
-            await self.delete_disk(temporary)  # a crashed import's
+            # Named per host, not per process: a restarted agent removes what its crashed predecessor left.
+            temporary = f"{image}.importing-{self.host}"
+            await self._call(self._discard, temporary, snapshot)
             argv = ["qemu-img", "convert", "-f", base.format or "qcow2", "-O", "raw", base.source,
                     self.qemu_uri(temporary)]
             try:
                 check(await self.executor.run(argv, timeout=3600), "qemu-img convert")
             except CommandError as error:
-                await self.delete_disk(temporary)
+                await self._call(self._discard, temporary, snapshot)
                 raise StorageError(f"cannot import template {base.source} into {self.access.where}: {error}") \
                     from None
             await self._call(self._finish_import, temporary, image, snapshot)
+
+    def _discard(self, image: str, snapshot: str) -> None:
+        """Remove a partial import (its snapshot too, if it got that far)."""
+        with self.ioctx() as ioctx:
+            self._remove_template(ioctx, image, snapshot)
 
     def _create(self, image: str, size_bytes: int, base: BaseImageRef | None) -> None:
         import rbd
@@ -349,7 +362,7 @@ class RbdStorageDriver:
                 with rbd.Image(ioctx, image, read_only=True) as handle:
                     with contextlib.suppress(rbd.ImageNotFound):
                         info = handle.parent_info()  # (pool, image, snapshot)
-                        if info[0] == self.access.pool:
+                        if info[0] == self.access.pool and is_template_image(info[1], info[2]):
                             parent = (info[1], info[2])
                 rbd.RBD().remove(ioctx, image)
             except rbd.ImageNotFound:
