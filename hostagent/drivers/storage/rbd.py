@@ -29,6 +29,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 import typing as t
 
 from controllers.api.v1alpha1.host import StorageReport
@@ -41,6 +42,8 @@ TEMPLATE_SNAPSHOT = "base"
 TEMPLATE_PREFIX = "template-"
 PROBE_OBJECT = "cumulo-probe-{host}"
 CONNECT_TIMEOUT = 10
+USAGE_INTERVAL = 30.0
+"""``ceph df`` (a monitor command) at most this often per pool and host; the probe write runs every check."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +137,7 @@ class RbdStorageDriver:
         self._connect_lock = threading.Lock()
         self._base_locks: dict[str, asyncio.Lock] = {}
         self._confdir: str | None = None
+        self._usage: tuple[float, int, int] | None = None  # (when, capacity, used) from the last ``ceph df``
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -203,18 +207,21 @@ class RbdStorageDriver:
                 probe = PROBE_OBJECT.format(host=self.host)
                 ioctx.write_full(probe, b"cumulo")
                 ioctx.remove_object(probe)
-            ret, out, message = self._connect().mon_command(json.dumps({"prefix": "df", "format": "json"}), b"",
-                                                            timeout=15)
-            usage = pool_usage(json.loads(out or b"{}"), self.access.pool) if ret == 0 else None
-            if usage is None:
-                stats = self._connect().get_cluster_stats()
-                usage = (stats["kb"] * 1024, stats["kb_used"] * 1024)
+            usage = self._usage
+            if usage is None or time.monotonic() - usage[0] >= USAGE_INTERVAL:
+                ret, out, _message = self._connect().mon_command(
+                    json.dumps({"prefix": "df", "format": "json"}), b"", timeout=15)
+                figures = pool_usage(json.loads(out or b"{}"), self.access.pool) if ret == 0 else None
+                if figures is None:
+                    stats = self._connect().get_cluster_stats()
+                    figures = (stats["kb"] * 1024, stats["kb_used"] * 1024)
+                usage = self._usage = (time.monotonic(), *figures)
         except StorageError as error:
             return StorageReport(reachable=False, message=str(error))
         except rados.Error as error:
             return StorageReport(reachable=False, message=f"{self.access.where} cannot be written: "
                                                           f"{ceph_message(error)}")
-        return StorageReport(reachable=True, capacity_bytes=usage[0], used_bytes=usage[1])
+        return StorageReport(reachable=True, capacity_bytes=usage[1], used_bytes=usage[2])
 
     async def check(self, path: str, *, create: bool, writable: bool = True) -> StorageReport:
         """Connect, open the pool, write and remove a probe object; capacity and use from ``ceph df``.
