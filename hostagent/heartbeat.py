@@ -49,6 +49,10 @@ class Heartbeat:
         self._state = "starting"
         self.last_ok = time.monotonic()
         """When the Lease was last renewed (monotonic; the start counts, so a new agent is not fenced at once)."""
+        self.lapsed_once = False
+        """Set for good by a renewal that came after the Lease had expired (a paused process, a long partition):
+        meanwhile the host may have been found Down and its guests restarted elsewhere."""
+        self._renewals = 0
 
     def _transition(self, state: str, level: int, message: str, **fields: t.Any) -> None:
         """Log a state change once, not on every failed renewal."""
@@ -109,8 +113,20 @@ class Heartbeat:
         self._renewed()
         return True
 
+    def lapsed(self) -> bool:
+        """Whether the Lease, once renewed, expired at some point (or is expired now): the watch caches of this
+        host's guests may still show placements the controller has since changed."""
+        return self.lapsed_once or (self._renewals > 0 and time.monotonic() - self.last_ok > self.duration)
+
     def _renewed(self) -> None:
-        self.last_ok = time.monotonic()
+        now = time.monotonic()
+        self._renewals += 1
+        if self._renewals > 1 and now - self.last_ok > self.duration:
+            self.lapsed_once = True
+            log.warning("heartbeat renewed after the Lease had expired: each guest start first confirms its "
+                        "placement with a direct GET", extra={"host": self.host,
+                                                                "silent_seconds": round(now - self.last_ok, 1)})
+        self.last_ok = now
         self._transition("ok", logging.DEBUG if self._state == "starting" else logging.INFO,
                          "heartbeat renewing" if self._state == "starting" else "heartbeat renewing again")
 

@@ -296,15 +296,19 @@ class VmReconciler(ObjectReconciler):
         return launch.ha_enabled and all(disk.pool_type != "Filesystem" for disk in launch.disks)
 
     async def _fencing_holds(self, key: str, uid: str, launch: LaunchSpec, worker: HostWorker) -> bool | None:
-        """Before starting a domain on a host that fenced itself: True while still fenced (an HA guest waits);
-        False when a direct GET shows the guest placed elsewhere (restarted there meanwhile); None: go ahead."""
+        """Before starting a domain on a host that fenced itself or whose Lease expired: True while still fenced
+        (an HA guest waits); False when a direct GET shows the guest placed elsewhere (restarted there meanwhile);
+        None: go ahead."""
         fencing = getattr(worker, "storage_heartbeat", None)  # None: a worker without one (unit tests' fakes)
         if fencing is None:
             return None
         if fencing.fenced and self._fenceable(launch):
             return True
-        if not fencing.confirm_starts:
+        heartbeat = getattr(worker, "heartbeat", None)
+        if not fencing.confirm_starts and not (heartbeat is not None and heartbeat.lapsed()):
             return None
+        # Fenced once, or the Lease expired (the agent paused or was cut off, unable to fence): the controller may
+        # have restarted the guest elsewhere meanwhile and the cache may not show it yet.
         try:
             live = await self.get_live(key)
         except KubeError:

@@ -23,6 +23,7 @@ from hostagent.drivers.storage.filesystem import FilesystemStorageDriver
 from hostagent.drivers.storage.simulator import SimulatorStorageDriver
 from hostagent.executor import CommandResult
 from hostagent.faults import Fault, FaultInjector
+from hostagent.heartbeat import Heartbeat
 from hostagent.kube import ApiHealth, KubeError
 from hostagent.templates import TemplateReconciler, template_action
 from hostagent.vms import VmReconciler
@@ -273,6 +274,44 @@ def test_vm_of_another_host_is_left_alone(tmp_path):
         assert agent.api.requests == [] and await agent.workers["h1"].hypervisor.domains() == []
 
     asyncio.run(main())
+
+
+def test_after_the_lease_lapsed_a_start_from_the_cache_is_confirmed_first(tmp_path):
+    """An agent that was paused (or cut off) past its Lease could not fence: the controller may have restarted
+    its guest elsewhere, and the first reconcile after the thaw may still see the old placement in the cache.
+    The start waits for a direct GET; a guest placed elsewhere is neither started nor reported on."""
+    async def main() -> None:
+        agent = make_agent(tmp_path)
+        worker = agent.workers["h1"]
+        worker.storage_heartbeat = types.SimpleNamespace(fenced=False, confirm_starts=False)
+        worker.heartbeat = heartbeat = Heartbeat(agent.api, "h1", interval=1, duration=4)
+        reconciler = VmReconciler(agent)
+        heartbeat._renewed()
+        assert not heartbeat.lapsed()  # a first renewal, however late, is no lapse
+        heartbeat.last_ok -= 10  # paused for 10 s: expired now
+        assert heartbeat.lapsed()
+        path = "/apis/cumulo.io/v1alpha1/namespaces/ns/virtualmachines/web"
+        agent.api.objects[path] = vm_object(host="h2")
+        stale = vm_object()  # the cache: still placed here
+        assert await vm_round(reconciler, stale) is None
+        assert await worker.hypervisor.domains() == [] and agent.api.patches() == []
+        assert [(m, p) for m, p, _ in agent.api.requests] == [("GET", path)]
+        heartbeat._renewed()  # renewed again: the cache may still lag, so starts keep confirming
+        assert heartbeat.lapsed() and heartbeat.lapsed_once
+        assert await vm_round(reconciler, stale) is None and await worker.hypervisor.domains() == []
+        agent.api.objects[path] = vm_object()  # the API says here: started
+        await vm_round(reconciler, vm_object())
+        assert [d.uuid for d in await worker.hypervisor.domains()] == [UID]
+
+    asyncio.run(main())
+
+
+def test_a_lease_renewed_in_time_never_counts_as_lapsed():
+    heartbeat = Heartbeat(None, "h1", interval=1, duration=4)  # type: ignore[arg-type]
+    heartbeat.last_ok -= 100  # the Host appeared late: the first renewal is no lapse
+    heartbeat._renewed()
+    heartbeat._renewed()
+    assert not heartbeat.lapsed() and not heartbeat.lapsed_once
 
 
 def test_sweep_destroys_only_confirmed_orphans(tmp_path):
