@@ -251,10 +251,12 @@ class VmReconciler(ObjectReconciler):
                 if held is not None:
                     if not held:
                         return None  # placed elsewhere now: not ours to start nor to report on
+                    fenced = worker.storage_heartbeat.fenced
                     await self.report(key, vm, vmspec.domain_report(
                         launch.host, None, console_log=None,
                         message="the host fenced itself (neither its Lease nor its storage heartbeat could be "
-                        "written): HA guests are not started until its Lease renews"))
+                        "written): HA guests are not started until its Lease renews" if fenced else
+                        "the start waits until the API confirms the guest is still placed here"))
                     return FENCED_RETRY
             if vmspec.migrating(vm):
                 # A live migration moves the domain (hostagent.migrations): neither start nor stop it meanwhile.
