@@ -357,6 +357,8 @@ def test_returning_host_destroys_its_stale_domain(control_plane, system_namespac
                      and r.get("uuid") == uid]
         assert destroyed and f"placed on host {new}" in destroyed[0]["reason"], destroyed
         assert not [r for r in records if r.get("msg") == "fenced: HA guest's domain destroyed"]
+        assert [r["host"] for r in records if r.get("msg", "").startswith("heartbeat renewed after the Lease had "
+                                                                         "expired")] == [old]
         starts = [r.get("host") for r in records if r.get("msg") == "domain started" and r.get("uuid") == uid]
         assert starts == [old], starts  # the first start only: the returned agent started nothing again
         assert not [r for r in records if r.get("msg") == "disk deleted" and r.get("path") == path]
