@@ -11,7 +11,8 @@
 * Self-fencing: when the host has renewed neither its Lease nor its storage heartbeat for ``fence_after`` seconds
   (and has somewhere to write one), the agent destroys the domains of its HA guests on shared storage and starts
   none until its Lease renews again; after that, each start first confirms the placement with a direct GET (the
-  controller may have restarted the guest elsewhere meanwhile). The controller's Down threshold is longer (see
+  controller may have restarted the guest elsewhere meanwhile). So does an agent whose Lease merely lapsed (a
+  paused process cannot fence; :meth:`hostagent.heartbeat.Heartbeat.lapsed`). The controller's Down threshold is longer (see
   controllers/hainvestigation.py), so a host found Down has no HA guest running.
 
 Heartbeat stores sit behind :class:`HeartbeatStore`: files (:class:`FileHeartbeatStore`), memory (simulated hosts)
