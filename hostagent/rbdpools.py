@@ -68,7 +68,7 @@ class RbdPools:
 
     async def driver(self, pool: str, rbd: t.Mapping[str, t.Any]) -> t.Any:
         """The driver of StoragePool ``pool`` (its ``spec.rbd``). Raises StorageError."""
-        from .drivers.storage.rbd import RbdStorageDriver
+        from .drivers.storage.rbdcopies import RbdCopiesDriver
 
         access = access_of(rbd, await self.key(rbd))
         async with self._lock:
@@ -78,7 +78,7 @@ class RbdPools:
             if current is not None:
                 log.info("RBD pool access changed; reconnecting", extra={"pool": pool})
                 await current.close()
-            self._drivers[pool] = driver = RbdStorageDriver(access, host=self.host)
+            self._drivers[pool] = driver = RbdCopiesDriver(access, host=self.host)
             return driver
 
     async def close(self) -> None:

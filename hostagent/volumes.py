@@ -16,6 +16,8 @@ The controller resolves the target into the Volume's status (``host``, ``path``,
 * ``migration``: ``Copying``: the source is copied to the target pool and verified equal (``node.migrated``);
   the controller then switches ``path`` to the copy (``CleaningUp``) and the source is deleted
   (``node.sourceRemoved``). A copy cut short (agent killed) is redone; the source stays until the switch.
+  Source and target are each reached through their own pool's driver (``migration.sourceRbd`` / ``rbd``: an RBD
+  pool's Ceph access), so a disk moves between a directory pool and an RBD pool too (:func:`copy_across`).
 
 The driver is the pool's: the host's own for directories, the pool's RBD driver (:mod:`.rbdpools`) when
 ``status.rbd`` is set (path: the image name; base image: the pool's template image snapshot it is cloned from).
@@ -28,6 +30,7 @@ import typing as t
 
 from .drivers.hypervisor import Domain, HypervisorError
 from .drivers.storage import BaseImageRef, DiskCopies, DiskState, StorageError
+from .drivers.storage.rbdcopies import copy_across
 from .reconciler import ObjectReconciler
 
 log = logging.getLogger(__name__)
@@ -107,11 +110,14 @@ class VolumeReconciler(ObjectReconciler):
                                                                                 f"{user.name} still uses it"})
                     return self.queue.backoff(key)
                 await storage.delete_disk(path)
-                # A storage migration cut short by the deletion: its copy (or its not yet removed source) too.
+                # A storage migration cut short by the deletion: its copy (or its not yet removed source) too,
+                # each on its own pool.
                 migration = status.get("migration") or {}
-                for extra in (migration.get("path"), migration.get("sourcePath")):
+                for extra, pool, access in ((migration.get("path"), migration.get("storagePool"), migration.get("rbd")),
+                                            (migration.get("sourcePath"), migration.get("sourcePool"),
+                                             migration.get("sourceRbd"))):
                     if extra and extra != path and (base is None or extra != base.path):
-                        await storage.delete_disk(extra)
+                        await (await self._pool_storage(worker, pool, access, storage)).delete_disk(extra)
             except (StorageError, HypervisorError) as error:
                 await self.report(key, volume, {"exists": True, "message": f"cannot delete the disk: {error}"})
                 return self.queue.backoff(key)
@@ -132,14 +138,19 @@ class VolumeReconciler(ObjectReconciler):
                 await self._unused(host, migration["sourcePath"], "migrating")
                 self.transition(key, "migration", "copying", logging.INFO, "copying the disk to another pool",
                                 source=migration["sourcePath"], target=migration["path"])
-                await storage.copy_disk(migration["sourcePath"], migration["path"])
+                source_storage = await self._pool_storage(worker, migration.get("sourcePool"),
+                                                          migration.get("sourceRbd"), storage)
+                target_storage = await self._pool_storage(worker, migration.get("storagePool"),
+                                                          migration.get("rbd"), storage)
+                await copy_across(source_storage, migration["sourcePath"], target_storage, migration["path"])
                 done["migrated"] = migration["path"]
                 self.transition(key, "migration", "verified", logging.INFO, "disk copy verified",
                                 target=migration["path"])
             elif migration.get("state") == "CleaningUp" and done.get("sourceRemoved") != migration.get("sourcePath") \
                     and migration.get("sourcePath") != path:
                 verb = "remove the migration source of"
-                await storage.delete_disk(migration["sourcePath"])
+                await (await self._pool_storage(worker, migration.get("sourcePool"), migration.get("sourceRbd"),
+                                                storage)).delete_disk(migration["sourcePath"])
                 done["sourceRemoved"] = migration["sourcePath"]
                 self.transition(key, "migration", "done", logging.INFO, "migration source removed",
                                 source=migration["sourcePath"])
@@ -191,6 +202,15 @@ class VolumeReconciler(ObjectReconciler):
             self._states.pop((key, "error"), None)
         await self.report(key, volume, {**disk_report(state, message, previous), **done})
         return delay
+
+    @staticmethod
+    async def _pool_storage(worker: t.Any, pool: str | None, rbd: t.Mapping[str, t.Any] | None,
+                            current: t.Any) -> t.Any:
+        """The driver of a migration's source or target pool (``rbd``: its Ceph access, when RBD); the
+        volume's current driver when the migration predates these fields."""
+        if pool is None:
+            return current
+        return await worker.storage_for(pool, rbd)
 
     async def _unused(self, host: str, path: str, what: str) -> None:
         """Refuse to rewrite or move a disk a running domain has open (the controller waits for the guest to

@@ -13,6 +13,7 @@ from __future__ import annotations
 from controllers import inventory, kinds
 from controllers.api.v1alpha1 import Snapshot
 from controllers.api.v1alpha1.host import HOST_LABEL
+from controllers.api.v1alpha1.storagepool import PoolType
 from controllers.api.v1alpha1.snapshot import POLICY_LABEL, SnapshotCopy, SnapshotPhase, SnapshotStatus
 from controllers.conditions import Check, first_failure
 from controllers.reconcilers.base import InventoryReconciler
@@ -20,6 +21,12 @@ from controllers.reconcilers.base import InventoryReconciler
 
 def primary_path(pool_path: str, snapshot: Snapshot) -> str:
     return f"{pool_path.rstrip('/')}/snapshots/{snapshot.metadata.uid}.qcow2"
+
+
+def rbd_primary(image: str, snapshot: Snapshot) -> str:
+    """An RBD volume's primary copy: a snapshot of its image (``rbd snap create``; crash-consistent when the guest
+    runs)."""
+    return f"{image}@snapshot-{snapshot.metadata.uid}"
 
 
 def backup_path(store_path: str, snapshot: Snapshot) -> str:
@@ -68,7 +75,7 @@ class SnapshotReconciler(InventoryReconciler):
         pool = self.store.get("storagepools", volume.status.storage_pool)
         if pool is None:
             return Check.failed("NoPool", f"StoragePool {volume.status.storage_pool} does not exist")
-        if not pool.spec.path:
+        if not pool.spec.path and pool.spec.type != PoolType.RBD:
             return Check.failed("PoolTypeNotSupported", f"snapshots of {pool.spec.type.value} volumes are not "
                                 "supported yet")
         stores = [s for s in self.store.by("imagestores", ".spec.zone", volume.spec.zone) if not s.spec.read_only]
@@ -76,7 +83,9 @@ class SnapshotReconciler(InventoryReconciler):
             return Check.failed("NoImageStore", f"zone {volume.spec.zone} has no writable ImageStore")
         store = next((s for s in stores if s.status.phase == "Ready"), stores[0])
         status.zone, status.host, status.disk = volume.spec.zone, volume.status.host, volume.status.path
-        status.primary = SnapshotCopy(store=pool.metadata.name, path=primary_path(pool.spec.path, snapshot))
+        primary = rbd_primary(volume.status.path, snapshot) if pool.spec.type == PoolType.RBD else \
+            primary_path(pool.spec.path, snapshot)
+        status.primary = SnapshotCopy(store=pool.metadata.name, path=primary)
         status.secondary = SnapshotCopy(store=store.metadata.name, path=backup_path(store.spec.path, snapshot))
         return Check.passed()
 

@@ -395,8 +395,9 @@ class VolumeReconciler(InventoryReconciler):
         target = self.store.get("storagepools", wanted)
         if target is None:
             return None, Check.failed("PoolNotFound", f"StoragePool {wanted} does not exist")
-        if target.spec.type == PoolType.RBD or (source is not None and source.spec.type == PoolType.RBD):
-            return None, Check.failed("PoolTypeNotSupported", "migrating to or from RBD pools is not supported yet")
+        if target.spec.type == PoolType.RBD and source is not None and source.spec.type == PoolType.RBD:
+            return None, Check.failed("PoolTypeNotSupported", "migrating between two RBD pools is not supported yet "
+                                      "(to or from a directory pool it is)")
         if target.spec.zone != volume.spec.zone:
             return None, Check.failed("PoolInOtherZone", f"StoragePool {wanted} is in zone {target.spec.zone}")
         host = volume.status.host
@@ -405,7 +406,10 @@ class VolumeReconciler(InventoryReconciler):
             return None, Check.failed("PoolNotReachable", f"host {host}, which holds the disk, does not reach "
                                       f"StoragePool {wanted}")
         return MigrationTarget(storage_pool=wanted, path=disk_path(target, volume), host=host,
-                               source_pool=current, source_path=volume.status.path, state="Copying"), \
+                               source_pool=current, source_path=volume.status.path, state="Copying",
+                               rbd=target.spec.rbd if target.spec.type == PoolType.RBD else None,
+                               source_rbd=source.spec.rbd if source is not None and source.spec.type == PoolType.RBD
+                               else None), \
             Check.failed("Migrating", f"moving to pool {wanted}")
 
     def _revert(self, volume: Volume, vm: t.Any, migration: t.Any, status: VolumeStatus) -> Check | None:

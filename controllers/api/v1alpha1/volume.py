@@ -157,6 +157,8 @@ class MigrationTarget(Model):
     source_pool: str = Field(description="Pool the volume moves from.")
     source_path: str = Field(description="The source disk, removed once the copy is verified and in use.")
     state: str = Field(description="Copying (source in use) or CleaningUp (copy in use, source being removed).")
+    rbd: RbdSource | None = Field(None, description="The target pool's Ceph access, when it is an RBD pool.")
+    source_rbd: RbdSource | None = Field(None, description="The source pool's Ceph access, when it is an RBD pool.")
 
 
 class DiskReport(Model):
