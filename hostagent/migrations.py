@@ -10,9 +10,10 @@ everything it needs in ``status.plan``; the agent reports under ``status.node`` 
   says; the report gives the files' paths.
 * ``Migrating`` (label: the source): the hypervisor live-migrates the domain peer to peer (memory only on shared
   storage, with block copy of the moving disks on local storage); on failure the domain keeps running here and the
-  report carries the hypervisor's reason. An agent restarted in the middle finds the state in the hypervisors: a
-  job still running is waited for; then the domain running at the target is a success, and one still here (no
-  job) is migrated again; exactly one of them runs.
+  report carries the hypervisor's reason. An agent restarted in the middle finds the state in its hypervisor: a
+  job still running is waited for; a domain still here (no job) is migrated again; a domain gone from here is
+  reported (``verify``) and the target's agent, labelled next, says whether it runs there (step ``Verifying``):
+  a success if so; if not, the migration fails and the guest starts again on its source. Exactly one runs.
 * ``Succeeded`` with disks copied (label: the source): once the Volumes name their new place, the source copies
   are deleted (only then).
 * ``Failed`` with copies made (label: the target): the pre-created disks are deleted.
@@ -71,6 +72,10 @@ class MigrationReconciler(ObjectReconciler):
             if report is not None and report.step == "PreparingTarget" and report.done and report.host == host:
                 return None
             value = await self._prepare(key, obj, status, worker)
+        elif status.phase == MigrationPhase.MIGRATING and host == plan.target_host and status.verifying:
+            if report is not None and report.step == "Verifying" and report.done and report.host == host:
+                return None
+            value = await self._verify(key, status, worker)
         elif status.phase == MigrationPhase.MIGRATING and host == plan.source_host:
             if report is not None and report.step == "Migrating" and report.done and report.host == host:
                 return None
@@ -170,11 +175,12 @@ class MigrationReconciler(ObjectReconciler):
         try:
             domain = await hypervisor.domain(plan.vm_uid)
             if domain is None or not domain.active:
-                # Nothing to migrate here: an earlier run (before an agent restart) may have moved it.
-                landed = await hypervisor.domain_at(plan.vm_uid, target)
-                if landed is None or not landed.active:
-                    return {**report, "done": True, "message": "the domain runs neither here nor on the target"}
-                log.info("migration found completed", extra={"object": key, "target": plan.target_host})
+                # Gone while this agent was down (a migration it started finished, or the guest died): only the
+                # target's agent can tell which, from its own hypervisor.
+                log.info("the domain left this host while the agent was down; asking the target",
+                         extra={"object": key, "target": plan.target_host})
+                return {**report, "done": True, "verify": True,
+                        "message": "the domain left this host while its agent was down"}
             elif await hypervisor.migrating(plan.vm_uid):
                 # Started before this agent restarted and still under way in the hypervisor: its outcome is
                 # read once it ends (here: gone and running at the target, or still here).
@@ -196,6 +202,21 @@ class MigrationReconciler(ObjectReconciler):
         seconds = round(time.monotonic() - started, 2)
         log.info("live migration done", extra={"object": key, "target": plan.target_host, "seconds": seconds})
         return {**report, "done": True, "succeeded": True, "seconds": seconds}
+
+    async def _verify(self, key: str, status: VirtualMachineMigrationStatus, worker: HostWorker) -> dict[str, t.Any]:
+        """Target: does the domain run here? (The source's agent restarted and found it gone.)"""
+        plan = status.plan
+        assert plan is not None
+        report: dict[str, t.Any] = {"host": worker.name, "step": "Verifying"}
+        try:
+            domain = await worker.hypervisor.domain(plan.vm_uid)
+        except HypervisorError as error:
+            return {**report, "message": f"cannot look for the domain: {error}"}
+        here = domain is not None and domain.active
+        self.transition(key, "verify", str(here), logging.INFO, "migration outcome checked on the target",
+                        running_here=here)
+        return {**report, "done": True, "succeeded": here,
+                "message": "" if here else "the domain does not run on the target"}
 
     async def _clean_source(self, key: str, namespace: str, status: VirtualMachineMigrationStatus,
                             worker: HostWorker) -> dict[str, t.Any]:

@@ -116,7 +116,7 @@ class VirtualMachineMigrationReconciler(InventoryReconciler):
         if status.phase == MigrationPhase.PREPARING_TARGET:
             return plan.target_host
         if status.phase == MigrationPhase.MIGRATING:
-            return plan.source_host
+            return plan.target_host if status.verifying else plan.source_host
         if status.phase == MigrationPhase.FAILED and not status.cleaned_up:
             return plan.target_host
         if status.phase == MigrationPhase.SUCCEEDED and not status.cleaned_up:
@@ -281,7 +281,15 @@ class VirtualMachineMigrationReconciler(InventoryReconciler):
                          status: VirtualMachineMigrationStatus) -> None:
         plan = status.plan
         report = status.node
-        if report is None or report.step != "Migrating" or report.host != plan.source_host or not report.done:
+        if report is not None and report.step == "Migrating" and report.host == plan.source_host and report.done \
+                and report.verify:
+            status.verifying = True  # the target's agent says where the domain runs
+            status.message = f"{report.message}; asking host {plan.target_host}"
+            return
+        if report is not None and report.step == "Verifying" and report.host == plan.target_host and report.done:
+            report = report.model_copy(update={"message": report.message or "the domain runs on the target"})
+        elif report is None or report.step != "Migrating" or report.host != plan.source_host or not report.done \
+                or status.verifying:
             source = self.store.get("hosts", plan.source_host)
             if source is not None and source.status.state == HostState.DOWN:
                 # Fenced (its HA guests are restarted elsewhere): nobody will report; a domain that did land on the
@@ -291,7 +299,9 @@ class VirtualMachineMigrationReconciler(InventoryReconciler):
             return
         if not report.succeeded:
             await self._release_target(mig, vm)
-            self._fail(status, "MigrationFailed", report.message)
+            self._fail(status, "DomainLost" if report.step == "Verifying" else "MigrationFailed",
+                       report.message + ("; the guest starts again on its source" if report.step == "Verifying"
+                                         else ""))
             return
         if vm is not None and vm.metadata.uid == plan.vm_uid:
             await self._flip(vm, plan)

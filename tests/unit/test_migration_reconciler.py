@@ -127,3 +127,36 @@ def test_a_failed_migration_leaves_the_guest_and_releases_the_target():
         await runtime.stop()
 
     asyncio.run(scenario())
+
+
+def test_after_a_source_agent_restart_the_target_says_where_the_domain_runs():
+    async def scenario(landed: bool):
+        api = FakeApi()
+        world(api, hosts=("h1", "h2"))
+        runtime = await running_guest(api)
+        api.put("virtualmachinemigrations", obj("VirtualMachineMigration", "m1", {
+            "virtualMachine": {"name": "vm1"}, "host": "h2"}, namespace="demo"))
+        await settle(runtime)
+        report(api, "m1", host="h2", step="PreparingTarget", succeeded=True)
+        await settle(runtime)
+        # The restarted source agent finds the domain gone: the target's agent is asked next.
+        report(api, "m1", host="h1", step="Migrating", verify=True, message="the domain left this host")
+        await settle(runtime)
+        migration = api.get("virtualmachinemigrations", "m1", "demo")
+        assert migration["status"]["phase"] == "Migrating" and migration["status"]["verifying"] is True
+        assert migration["metadata"]["labels"][HOST_LABEL] == "h2"
+        assert api.get("virtualmachines", "vm1", "demo")["status"]["migration"]["migrating"] is True
+        report(api, "m1", host="h2", step="Verifying", succeeded=landed,
+               message="" if landed else "the domain does not run on the target")
+        await settle(runtime)
+        migration = api.get("virtualmachinemigrations", "m1", "demo")
+        vm = api.get("virtualmachines", "vm1", "demo")
+        if landed:
+            assert migration["status"]["phase"] == "Succeeded" and vm["status"]["placement"]["host"] == "h2"
+        else:
+            assert migration["status"]["phase"] == "Failed" and migration["status"]["reason"] == "DomainLost"
+            assert "migration" not in vm["status"] and vm["status"]["placement"]["host"] == "h1"
+        await runtime.stop()
+
+    asyncio.run(scenario(landed=True))
+    asyncio.run(scenario(landed=False))

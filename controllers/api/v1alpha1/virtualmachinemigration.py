@@ -98,6 +98,8 @@ class MigrationReport(Model):
     console_log: str | None = Field(None, description="Target: the console log file prepared for the guest.")
     config_drive: str | None = Field(None, description="Target: the config drive prepared for the guest.")
     seconds: float | None = Field(None, description="Source: how long the hypervisor's migration took.")
+    verify: bool = Field(False, description="Source: the domain left this host with no outcome known (the agent "
+                         "restarted meanwhile); the target's agent is asked where it runs.")
 
 
 class VirtualMachineMigrationStatus(ResourceStatus):
@@ -111,6 +113,8 @@ class VirtualMachineMigrationStatus(ResourceStatus):
     completed_at: datetime.datetime | None = Field(None, description="When it reached Succeeded or Failed.")
     reason: str | None = Field(None, description="Why it failed (a condition reason), when Failed.")
     message: str = Field("", description="What happened, in words.")
+    verifying: bool = Field(False, description="Migrating: the target's agent is asked whether the domain runs "
+                            "there (the source's agent restarted mid-migration and found it gone).")
     cleaned_up: bool = Field(False, description="What is left to remove is gone: after a failure the disks prepared "
                              "on the target, after a success the source copies of the copied disks.")
     node: MigrationReport | None = Field(None, description="What the acting agent reports.")

@@ -375,8 +375,5 @@ class NetnsDriver:
     async def migrating(self, uuid: str) -> bool:
         return False
 
-    async def domain_at(self, uuid: str, target: t.Any) -> Domain | None:
-        return None
-
     async def close(self) -> None:
         return None
