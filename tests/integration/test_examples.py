@@ -82,7 +82,8 @@ def test_explain_shows_field_descriptions(control_plane: envtest.ControlPlane) -
 def test_api_resources_lists_every_kind(control_plane: envtest.ControlPlane) -> None:
     kinds = {resource.kind for resource in crd.registry()}
     resources = {f"{resource.plural_name}.{GROUP}" for resource in crd.registry()}
-    assert len(kinds) == 24  # 22 CloudStack kinds + VirtualRouter (the router a Network resolves to) + UsageRecord
+    # 22 CloudStack kinds + VirtualRouter (the router a Network resolves to) + UsageRecord + VirtualMachineMigration
+    assert len(kinds) == 25
 
     names = control_plane.kubectl("api-resources", "--categories", crd.CATEGORY, "-o", "name").stdout.split()
     assert sorted(names) == sorted(resources)
