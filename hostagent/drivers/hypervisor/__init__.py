@@ -236,6 +236,17 @@ class HypervisorDriver(t.Protocol):
         """Whether a migration job of the domain is running (one an agent started before it restarted)."""
         ...
 
+    async def backup_disk(self, uuid: str, path: str, target: str) -> None:
+        """Copy the disk at ``path`` of the running domain, as it is at the call, to a new qcow2 file
+        ``target`` while the guest keeps running and writing (libvirt's push-mode backup job); returns once
+        the copy is complete."""
+        ...
+
+    async def define_secret(self, uuid: str, usage: str, value: bytes) -> None:
+        """Define (or update) the Ceph secret ``uuid`` holding ``value`` (the raw key), which network disks name
+        in their ``NetworkSource.secret_uuid``. Drivers whose guests have no network disks accept and ignore it."""
+        ...
+
     async def close(self) -> None:
         """Release connections; the driver is not used afterwards."""
         ...

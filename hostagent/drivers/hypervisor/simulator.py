@@ -246,6 +246,17 @@ class SimulatorDriver:
     async def migrating(self, uuid: str) -> bool:
         return False  # the simulator's migrations live in the agent process: they die with it
 
+    async def backup_disk(self, uuid: str, path: str, target: str) -> None:
+        domain = self._running(uuid)
+        if not any(d.path == path for d in domain.disks):
+            raise HypervisorError(f"domain {uuid} has no disk {path}")
+        await self._operation("snapshot")
+        if path in self.disk_sizes:
+            self.disk_sizes[target] = self.disk_sizes[path]
+
+    async def define_secret(self, uuid: str, usage: str, value: bytes) -> None:
+        self.secrets[uuid] = (usage, value)
+
     async def close(self) -> None:
         for handle in self._stopping.values():
             handle.cancel()
