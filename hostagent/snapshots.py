@@ -8,7 +8,8 @@ temporary name, so an agent killed at any point redoes at most the step it was i
 
 * not taken: a disk no running domain uses is copied by the storage driver (``qemu-img convert``; RBD: ``rbd
   snap create``); a running guest's disk by the hypervisor's backup job, the guest running on. A primary copy
-  found in place (taken, then the agent died before reporting) counts as taken;
+  found in place (taken, then the agent died before reporting) counts as taken. On RBD the driver's snapshot
+  is taken under a running guest too (crash-consistent: what a power cut would leave);
 * taken, not backed up: the primary copy is written to the image store as a compressed standalone qcow2;
 * backed up, ``keepOnPrimary`` false: the primary copy is removed.
 """
@@ -35,6 +36,14 @@ class SnapshotReconciler(ObjectReconciler):
     plural = "snapshots"
     status_key = "node"
 
+    def _rbd_of(self, pool: str | None) -> dict[str, t.Any] | None:
+        """The ``spec.rbd`` of StoragePool ``pool`` when it is an RBD pool (from the agent's pool cache)."""
+        for found in self.agent.pools.cache.values():
+            spec = found.get("spec") or {}
+            if pool and found["metadata"]["name"] == pool and spec.get("type") == "RBD" and spec.get("rbd"):
+                return t.cast(dict[str, t.Any], spec["rbd"])
+        return None
+
     async def reconcile(self, key: str, snapshot: dict[str, t.Any] | None) -> float | None:
         if snapshot is None:
             self.forget_states(key)
@@ -50,6 +59,14 @@ class SnapshotReconciler(ObjectReconciler):
         # The controller drops status.primary once the agent reported it removed; the primary path is then
         # not needed any more (and a deletion removes only the backup).
         storage = worker.storage
+        rbd = self._rbd_of((status.get("primary") or {}).get("store"))
+        if rbd is not None:  # an RBD volume's snapshot: the primary copy is an RBD snapshot, through the pool
+            try:
+                storage = await worker.storage_for(status["primary"]["store"], rbd)
+            except StorageError as error:
+                await self.report(key, snapshot, {**dict(status.get("node") or {}), "message": f"snapshot failed: "
+                                                                                            f"{error}"})
+                return self.queue.backoff(key)
         report = dict(status.get("node") or {})
         report.pop("message", None)
         if not isinstance(storage, DiskCopies):
@@ -73,11 +90,12 @@ class SnapshotReconciler(ObjectReconciler):
                 if not await storage.snapshot_exists(primary):
                     domain = next((d for d in await worker.hypervisor.domains()
                                    if d.active and any(x.path == disk for x in d.disks)), None)
-                    if domain is not None:
+                    if domain is not None and not getattr(storage, "snapshots_running_disks", False):
                         await worker.hypervisor.backup_disk(domain.uuid, disk, primary)
-                        live = True
                     else:
+                        # RBD: ``rbd snap create`` under the running guest too (crash-consistent).
                         await storage.snapshot_disk(disk, primary)
+                    live = domain is not None
                 state = await storage.disk_info(disk)
                 report.update(taken=True, live=live, takenAt=_now(),
                               sizeBytes=state.virtual_size if state else None)

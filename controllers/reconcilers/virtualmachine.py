@@ -248,10 +248,14 @@ class VirtualMachineReconciler(InventoryReconciler):
             disk_bytes=disk_bytes, affinity=self._affinity(vm), pod=pin.pod, cluster=pin.cluster, host=pin.host)
         existing_pool = root.status.storage_pool if root is not None else None
         if existing_pool:
-            # The root disk already exists: only hosts that reach its pool will do.
+            # The root disk already exists: only hosts that reach its pool will do. Its pool, not the offering,
+            # says whether that is local or shared storage (a storage migration may have moved it).
             hosts, pools = self._candidates(vm.spec.zone)
-            inventory = planner.Inventory(hosts, [p for p in pools if p.name == existing_pool])
-            request = dataclasses.replace(request, disk_bytes=0)
+            own = [p for p in pools if p.name == existing_pool]
+            inventory = planner.Inventory(hosts, own)
+            request = dataclasses.replace(request, disk_bytes=0, storage_type="local" if own and own[0].local
+                                          else "shared" if own else request.storage_type,
+                                          storage_tags=frozenset() if own else request.storage_tags)
         else:
             inventory = self._inventory(vm.spec.zone)
         return planner.plan(request, inventory, self.ledger, zone.spec.allocation_algorithm

@@ -54,6 +54,9 @@ def is_file(location: str) -> bool:
 class RbdCopiesDriver(RbdStorageDriver):
     """The RBD driver with snapshots, reverts and copies (:class:`~hostagent.drivers.storage.DiskCopies`)."""
 
+    snapshots_running_disks = True
+    """``rbd snap create`` works under a running guest (crash-consistent), no hypervisor backup job needed."""
+
     def qemu_location(self, location: str) -> str:
         """QEMU's rbd filename of ``image`` or ``image@snapshot`` (read-only then), with the private conf."""
         image, snapshot = split_location(location)
