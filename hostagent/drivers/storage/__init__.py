@@ -3,8 +3,8 @@
 Implementations: :mod:`.filesystem` (real directories and qcow2 files, through ``qemu-img`` run by the
 agent's :class:`~hostagent.executor.Executor`) and :mod:`.simulator` (configured capacity, in-memory disks,
 fault injection: ``storage``, ``create-volume``, ``resize``, ``download``, ``snapshot``) and :mod:`.rbd` (one
-Ceph pool, through librados/librbd; ``path`` is an image name there; snapshots, reverts and migrations are
-not implemented there yet: it is no :class:`DiskCopies`).
+Ceph pool, through librados/librbd; ``path`` is an image name there; with snapshots, reverts and copies in
+:mod:`.rbdcopies`, which also copies disks between pools of different drivers).
 
 Disk operations take the controller's resolved target (``status.path``, ``status.sizeBytes``,
 ``status.baseImage`` of a Volume) and raise :class:`StorageError` with a message fit for a status field.
@@ -84,8 +84,8 @@ class StorageDriver(t.Protocol):
 @t.runtime_checkable
 class DiskCopies(t.Protocol):
     """Whole-disk copies: snapshots, reverts, migrations. A separate Protocol so a driver can come without them
-    (the agent then reports that its pool type does not support them). RBD would map them to ``rbd snap
-    create`` / export to the image store / ``rbd snap rollback``."""
+    (the agent then reports that its pool type does not support them). RBD maps them to ``rbd snap create`` /
+    export to the image store / ``rbd snap rollback`` (:mod:`.rbdcopies`)."""
 
     async def snapshot_disk(self, path: str, target: str) -> None:
         """Take a point-in-time copy of the disk at ``path``, which no running guest writes, as ``target`` on
