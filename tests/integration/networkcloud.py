@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 import typing as t
 from pathlib import Path
 
@@ -52,6 +51,7 @@ s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", int(sys.argv[1])))
 s.listen(16)
+print("listening", flush=True)
 while True:
     c, (address, _) = s.accept()
     c.sendall(address.encode())
@@ -282,6 +282,8 @@ class NetworkCloud:
     def peer_server(self, netns: str, port: int) -> subprocess.Popen[bytes]:
         """A TCP server in ``netns`` answering each connection with the client's address."""
         process = subprocess.Popen(["ip", "netns", "exec", netns, "python3", "-c", PEER_SERVER, str(port)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.3)
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        # Wait for the socket, not a fixed time: on a loaded machine python3 alone can take longer to start.
+        assert process.stdout is not None and process.stdout.readline().strip() == "listening", \
+            f"the peer server on port {port} in {netns} did not start"
         return process
