@@ -248,11 +248,12 @@ class VirtualMachineReconciler(InventoryReconciler):
             disk_bytes=disk_bytes, affinity=self._affinity(vm), pod=pin.pod, cluster=pin.cluster, host=pin.host)
         existing_pool = root.status.storage_pool if root is not None else None
         if existing_pool:
-            # The root disk already exists: only hosts that reach its pool will do. Its pool, not the offering,
-            # says whether that is local or shared storage (a storage migration may have moved it).
+            # The root disk already exists: only hosts that reach its pool will do. A pool the volume was
+            # explicitly moved to (spec.storagePool: a storage migration), not the offering, says whether that is
+            # local or shared storage.
             hosts, pools = self._candidates(vm.spec.zone)
-            own = [p for p in pools if p.name == existing_pool]
-            inventory = planner.Inventory(hosts, own)
+            own = [p for p in pools if p.name == existing_pool and root.spec.storage_pool == existing_pool]
+            inventory = planner.Inventory(hosts, [p for p in pools if p.name == existing_pool])
             request = dataclasses.replace(request, disk_bytes=0, storage_type="local" if own and own[0].local
                                           else "shared" if own else request.storage_type,
                                           storage_tags=frozenset() if own else request.storage_tags)
