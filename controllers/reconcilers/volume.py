@@ -173,9 +173,18 @@ class VolumeReconciler(InventoryReconciler):
         if name:
             pool = self.store.get("storagepools", name)
             return pool, "" if pool else f"StoragePool {name} does not exist"
-        if vm is None or vm.status.placement is None or vm.status.placement.host is None:
+        placement = vm.status.placement if vm is not None else None
+        if volume.spec.type == VolumeType.ROOT:
+            # The planner chose the root disk's pool with the guest (the offering's local or shared storage); the
+            # guest's controller writes it into spec.storagePool, and until then it is read from the placement.
+            # Choosing here instead would take a shared pool for a local offering.
+            if placement is not None and placement.storage_pool:
+                pool = self.store.get("storagepools", placement.storage_pool)
+                return pool, "" if pool else f"StoragePool {placement.storage_pool} does not exist"
+            return None, "a root volume gets the pool the planner chooses for its guest"
+        if placement is None or placement.host is None:
             return None, "a data volume gets its pool when it is attached to a placed guest"
-        return self._choose_pool(volume, vm.status.placement.host)
+        return self._choose_pool(volume, placement.host)
 
     def _choose_pool(self, volume: Volume, host: str) -> tuple[StoragePool | None, str]:
         offering = self.store.get("diskofferings", volume.spec.disk_offering) if volume.spec.disk_offering else None

@@ -1,5 +1,6 @@
 """Fixtures of the host-agent integration tests (a pytest plugin: ``pytest_plugins = ["conftest_libvirt"]``).
 
+* ``guest``: the tiny TCG test guest (cumulo.guestimage), skipped when QEMU is not installed.
 * ``libvirtd``: a private libvirtd (cumulo.libvirtd), skipped with the precise reason where it
   cannot run.
 * ``system_namespace``: the cumulo-system namespace the heartbeat Leases live in.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -25,7 +27,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from cumulo import envtest
+from cumulo import envtest, guestimage
 from cumulo.libvirtd import LibvirtUnavailable, PrivateLibvirtd, unavailable_reason
 from security import mint_agent_kubeconfig
 from controllers.api.crd import registry
@@ -170,6 +172,15 @@ def system_namespace(kube: client.ApiClient) -> str:
         if error.status != 409:
             raise
     return SYSTEM_NAMESPACE
+
+
+@pytest.fixture(scope="session")
+def guest() -> guestimage.TinyGuest:
+    """The tiny TCG test guest (kernel, busybox root disk), built once and cached."""
+    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils")):
+        if shutil.which(tool) is None:
+            pytest.skip(reason=f"{tool} is not installed (Debian package {package}; run hack/install-system-deps)")
+    return guestimage.ensure_tiny_guest(log=lambda message: print(f"[tiny guest] {message}"))
 
 
 @pytest.fixture

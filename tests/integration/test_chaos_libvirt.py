@@ -7,7 +7,6 @@ disk file is left."""
 from __future__ import annotations
 
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,6 @@ from conftest_libvirt import Cloud, unique, wait_for  # noqa: E402
 from cumuloprocess import CumuloProcess, console_script  # noqa: E402
 from privateplane import private_plane_fixtures  # noqa: E402
 
-from cumulo import guestimage  # noqa: E402
 
 pytest_plugins = ["conftest_libvirt"]
 pytestmark = pytest.mark.timeout(420)
@@ -30,14 +28,6 @@ control_plane, kube, system_namespace = private_plane_fixtures()
 GROUP, VERSION = "cumulo.io", "v1alpha1"
 SEED = 1
 GUESTS = 4
-
-
-@pytest.fixture(scope="module")
-def guest() -> guestimage.TinyGuest:
-    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils")):
-        if shutil.which(tool) is None:
-            pytest.skip(reason=f"{tool} is not installed (Debian package {package}; run hack/install-system-deps)")
-    return guestimage.ensure_tiny_guest(log=lambda message: print(f"[tiny guest] {message}"))
 
 
 def run_ids(uri: str) -> dict[str, int]:

@@ -5,7 +5,6 @@ Slow (TCG boot): the one real-guest network test."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 import uuid
@@ -27,14 +26,6 @@ pytest_plugins = ["conftest_libvirt", "conftest_netlab"]
 # The session controller would reconcile the VirtualMachines whose launch these tests write themselves.
 control_plane, kube, system_namespace = private_plane_fixtures()
 pytestmark = [pytest.mark.usefixtures("system_namespace"), pytest.mark.timeout(300)]
-
-
-@pytest.fixture(scope="module")
-def guest() -> guestimage.TinyGuest:
-    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils")):
-        if shutil.which(tool) is None:
-            pytest.skip(reason=f"{tool} is not installed (Debian package {package}; run hack/install-system-deps)")
-    return guestimage.ensure_tiny_guest(log=lambda message: print(f"[tiny guest] {message}"))
 
 
 def test_real_guest_dhcp_over_vxlan(kube, control_plane, agents, netlab: NetLab, libvirtd_factory,

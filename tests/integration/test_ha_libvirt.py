@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -107,14 +106,6 @@ class Proxy:
                     pass
                 s.close()
             self._sockets = []
-
-
-@pytest.fixture(scope="module")
-def guest() -> guestimage.TinyGuest:
-    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils")):
-        if shutil.which(tool) is None:
-            pytest.skip(reason=f"{tool} is not installed (Debian package {package}; run hack/install-system-deps)")
-    return guestimage.ensure_tiny_guest(log=lambda message: print(f"[tiny guest] {message}"))
 
 
 def domain_names(uri: str) -> list[str]:

@@ -7,7 +7,6 @@ the target only and the guest does not boot again there; its writes before the m
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -24,14 +23,6 @@ from cumulo import guestimage  # noqa: E402
 
 pytest_plugins = ["conftest_libvirt", "conftest_ceph"]
 pytestmark = [pytest.mark.usefixtures("controller", "system_namespace"), pytest.mark.timeout(400)]
-
-
-@pytest.fixture(scope="module")
-def guest() -> guestimage.TinyGuest:
-    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils")):
-        if shutil.which(tool) is None:
-            pytest.skip(reason=f"{tool} is not installed (Debian package {package}; run hack/install-system-deps)")
-    return guestimage.ensure_tiny_guest(log=lambda message: print(f"[tiny guest] {message}"))
 
 
 def active_uuids(uri: str) -> set[str]:

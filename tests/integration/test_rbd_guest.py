@@ -34,16 +34,6 @@ GROUP, VERSION = "cumulo.io", "v1alpha1"
 GIB = 1024**3
 
 
-@pytest.fixture(scope="module")
-def guest() -> guestimage.TinyGuest:
-    import shutil
-
-    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils")):
-        if shutil.which(tool) is None:
-            pytest.skip(reason=f"{tool} is not installed (Debian package {package}; run hack/install-system-deps)")
-    return guestimage.ensure_tiny_guest(log=lambda message: print(f"[tiny guest] {message}"))
-
-
 class Objects:
     """Namespaced Cumulo objects of one namespace."""
 

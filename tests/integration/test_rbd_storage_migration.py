@@ -22,7 +22,6 @@ pytest.register_assert_rewrite("conftest_libvirt", "conftest_ceph")
 from conftest_ceph import CephPool  # noqa: E402
 from conftest_libvirt import unique, wait_for  # noqa: E402
 from test_agent_vm import Console, build_zone, condition, line, template_spec, wait_phase  # noqa: E402
-from test_agent_vm import guest  # noqa: E402,F401 (the fixture)
 from test_rbd_copies import holds, write  # noqa: E402
 from test_snapshots_libvirt import wait_backed_up, wait_condition  # noqa: E402
 

@@ -23,7 +23,6 @@ from test_agent_vm import (  # noqa: E402
     Console,
     build_zone,
     condition,
-    guest,  # noqa: F401 (the fixture)
     libvirt_domain,
     line,
     template_spec,

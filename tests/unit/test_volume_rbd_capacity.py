@@ -49,3 +49,35 @@ def test_the_refusal_says_how_much_is_free_and_why() -> None:
     assert insufficient(pool(capacity=None), GIB, 0) == "StoragePool p1 has not reported its capacity yet"
     over = pool(capacity=GIB, allocated=3 * GIB)
     assert "0.0 GiB free" in insufficient(over, GIB, pool_free_bytes(over))
+
+
+def test_a_root_volume_takes_the_planners_pool_never_one_of_its_own() -> None:
+    """A local-offering guest's root volume seen before its spec.storagePool is written must not pick the shared
+    pool its host also reaches (it did: a root disk without a disk offering counted as shared)."""
+    import asyncio
+
+    from fakeapi import FakeApi
+    from test_vm_reconciler import obj, start, world
+
+    from controllers.api.v1alpha1.virtualmachine import VirtualMachine
+
+    async def scenario() -> None:
+        api = FakeApi()
+        world(api, hosts=("h1",))
+        api.put("storagepools", obj("StoragePool", "shared", {"zone": "z1", "scope": "Zone", "type": "SharedMountPoint",
+                                                              "path": "/shared"},
+                                    {"hostAccess": {"h1": {"reachable": True}}, "capacityBytes": 1000 * GIB}))
+        runtime = await start(api)
+        volumes = runtime.reconcilers["volumes"]
+        root = Volume.model_validate(obj("Volume", "vm1-root", {"zone": "z1", "type": "ROOT",
+                                                                "virtualMachine": {"name": "vm1"}}, namespace="demo"))
+        vm = VirtualMachine.model_validate(obj("VirtualMachine", "vm1", {
+            "serviceOffering": "small", "template": {"name": "tiny"}, "zone": "z1"}, namespace="demo"))
+        pool, why = volumes._pool(root, vm, None)
+        assert pool is None and "planner" in why
+        vm.status = vm.status.model_validate({"placement": {"host": "h1", "storagePool": "h1-local"}})
+        pool, _ = volumes._pool(root, vm, None)
+        assert pool is not None and pool.metadata.name == "h1-local"
+        await runtime.stop()
+
+    asyncio.run(scenario())
