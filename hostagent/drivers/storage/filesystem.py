@@ -28,10 +28,10 @@ from controllers.api.v1alpha1.host import StorageReport
 from ...executor import CommandError, Executor, QemuImg, SubprocessExecutor
 from ...images import DownloadRequest, DownloadResult, Progress, copy_files, download_template
 from . import BaseImageRef, DiskState, StorageError
+from .files import COPYING_SUFFIX, unlink_all, write_then_rename
 
 PROBE_PREFIX = ".cumulo-probe-"
 CREATING_SUFFIX = ".creating"
-COPYING_SUFFIX = ".copying"
 VERIFYING_SUFFIX = ".verifying"
 
 
@@ -178,31 +178,16 @@ class FilesystemStorageDriver:
 
     async def delete_disk(self, path: str) -> None:
         # With what an interrupted restore or migration copy may have left next to it.
-        _unlink_all((path, path + CREATING_SUFFIX, path + COPYING_SUFFIX, path + VERIFYING_SUFFIX,
+        unlink_all((path, path + CREATING_SUFFIX, path + COPYING_SUFFIX, path + VERIFYING_SUFFIX,
                      path + VERIFYING_SUFFIX + COPYING_SUFFIX))
 
     # -- snapshots, reverts, migrations ---------------------------------------------------------------
 
     async def _convert(self, source: str, target: str, *, compress: bool = False) -> None:
-        """``source`` flattened into a new qcow2 ``target``, written as ``<target>.copying`` then renamed: a
-        crash leaves no half copy at ``target`` (the leftover is replaced on the next try)."""
-        temporary = target + COPYING_SUFFIX
-        try:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-        except OSError as error:
-            raise StorageError(f"cannot prepare {target}: {error.strerror or error}") from None
+        """``source`` flattened into a new qcow2 ``target`` (written under a temporary name, then renamed)."""
         if not os.path.exists(source):
             raise StorageError(f"{source} does not exist")
-        try:
-            await self.qemu_img.convert(source, temporary, compress=compress)
-            await asyncio.to_thread(_fsync, temporary)
-            os.replace(temporary, target)
-        except (CommandError, OSError) as error:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise StorageError(str(error)) from None
+        await write_then_rename(target, lambda temporary: self.qemu_img.convert(source, temporary, compress=compress))
 
     async def snapshot_disk(self, path: str, target: str) -> None:
         await self._convert(path, target)
@@ -215,7 +200,7 @@ class FilesystemStorageDriver:
         return os.stat(target).st_size
 
     async def delete_snapshot(self, location: str) -> None:
-        _unlink_all((location, location + COPYING_SUFFIX))
+        unlink_all((location, location + COPYING_SUFFIX))
 
     async def restore_disk(self, source: str, path: str) -> None:
         await self._convert(source, path)
@@ -229,10 +214,10 @@ class FilesystemStorageDriver:
             same = await self.qemu_img.compare(source, temporary) and \
                 (await self.qemu_img.info(source)).virtual_size == (await self.qemu_img.info(temporary)).virtual_size
         except CommandError as error:
-            _unlink_all((temporary,))
+            unlink_all((temporary,))
             raise StorageError(f"cannot verify the copy: {error}") from None
         if not same:
-            _unlink_all((temporary,))
+            unlink_all((temporary,))
             raise StorageError(f"the copy of {source} differs from it; removed")
         os.replace(temporary, target)
 
@@ -243,26 +228,7 @@ class FilesystemStorageDriver:
         return await download_template(request, self.qemu_img, progress, cancel)
 
     async def delete_template(self, path: str) -> None:
-        _unlink_all(copy_files(path))
+        unlink_all(copy_files(path))
 
     async def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
-
-
-def _fsync(path: str) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _unlink_all(names: t.Iterable[str]) -> None:
-    """Remove each file; one already gone is fine."""
-    for name in names:
-        try:
-            os.unlink(name)
-        except FileNotFoundError:
-            pass
-        except OSError as error:
-            raise StorageError(f"cannot delete {name}: {error.strerror or error}") from None

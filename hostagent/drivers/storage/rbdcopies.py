@@ -26,12 +26,12 @@ import typing as t
 
 from ...executor import CommandError, check
 from . import StorageError
+from .files import COPYING_SUFFIX, fsync, unlink_all, write_then_rename
 from .rbd import RbdStorageDriver, ceph_message
 
 SNAPSHOT_PREFIX = "snapshot-"
 MIGRATING_SUFFIX = ".migrating"
 RESTORING_SUFFIX = ".restoring"
-COPYING_SUFFIX = ".copying"
 VERIFYING_SUFFIX = ".verifying"
 COPY_TIMEOUT = 6 * 3600
 
@@ -176,33 +176,14 @@ class RbdCopiesDriver(RbdStorageDriver):
     async def backup_snapshot(self, primary: str, target: str) -> int:
         if not await self.snapshot_exists(primary):
             raise StorageError(f"RBD snapshot {primary} does not exist")
-        temporary = target + COPYING_SUFFIX
-        try:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-        except OSError as error:
-            raise StorageError(f"cannot prepare {target}: {error.strerror or error}") from None
-        try:
-            await self._qemu_img(["convert", "-q", "-f", "raw", "-O", "qcow2", "-c", self.qemu_location(primary),
-                                  temporary], "qemu-img convert")
-            await asyncio.to_thread(_fsync, temporary)
-            os.replace(temporary, target)
-        except (StorageError, OSError) as error:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise StorageError(str(error)) from None
+        await write_then_rename(target, lambda temporary: self._qemu_img(
+            ["convert", "-q", "-f", "raw", "-O", "qcow2", "-c", self.qemu_location(primary), temporary],
+            "qemu-img convert"))
         return os.stat(target).st_size
 
     async def delete_snapshot(self, location: str) -> None:
         if is_file(location):
-            for name in (location, location + COPYING_SUFFIX):
-                try:
-                    os.unlink(name)
-                except FileNotFoundError:
-                    pass
-                except OSError as error:
-                    raise StorageError(f"cannot delete {name}: {error.strerror or error}") from None
+            unlink_all((location, location + COPYING_SUFFIX))
             return
         image, snapshot = split_location(location)
         if snapshot:
@@ -254,13 +235,6 @@ def _format_of(location: str) -> str:
     return "qcow2" if is_file(location) else "raw"
 
 
-def _fsync(path: str) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
 
 def _location(driver: t.Any, path: str) -> tuple[str, str]:
     """(QEMU filename, format) of a disk of ``driver``: an RBD image (raw) or a directory pool's qcow2 file."""
@@ -299,7 +273,7 @@ async def copy_across(source_driver: t.Any, source: str, target_driver: t.Any, t
         check(await run(["convert", "-q", "-f", src_format, "-O", dst_format, src, dst], "qemu-img convert"),
               "qemu-img convert")
         if not rbd_target:
-            await asyncio.to_thread(_fsync, temporary)
+            await asyncio.to_thread(fsync, temporary)
         # Content (not -s: a raw image and a qcow2 file never agree on allocation), then the virtual sizes.
         compared = await run(["compare", "-q", "-f", src_format, "-F", dst_format, src, dst], "qemu-img compare")
         if compared.returncode != 0:
