@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import record  # noqa: E402
-from benchmarks.simcloud import CONTROLLER_USER, RunningWatch, SimCloud, create_guests  # noqa: E402
+from benchmarks.simcloud import AGENT_USERS, CONTROLLER_USERS, RunningWatch, SimCloud, create_guests  # noqa: E402
 
 WRITE_VERBS = {"POST", "PUT", "PATCH", "DELETE", "APPLY", "DELETECOLLECTION"}
 AUDIT_WRITES = {"create", "update", "patch", "delete", "deletecollection"}
@@ -62,8 +62,8 @@ def audit_writes(path: Path, since: float, until: float) -> collections.Counter[
             ref = entry.get("objectRef") or {}
             resource = ref.get("resource", "?") + (f"/{ref['subresource']}" if ref.get("subresource") else "")
             user = entry.get("user", {}).get("username", "?")
-            writer = {CONTROLLER_USER: "controller", "cumulo-admin": "benchmark"}.get(user) or (
-                "agent" if user.startswith("system:cumulo-agent:") else user)
+            writer = "controller" if user in CONTROLLER_USERS else "benchmark" if user == "cumulo-admin" else (
+                "agent" if user.startswith(AGENT_USERS) else user)
             counts[writer, entry["verb"], resource] += 1
     return counts
 

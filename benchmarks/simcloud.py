@@ -10,20 +10,27 @@ and when the apiserver first delivered the object with ``Ready=True`` (phase Run
 lag (milliseconds on loopback) counts against Cumulo. The timestamp figure is reported beside it as a
 cross-check.
 
-The agent runs with the restricted identity the tests use (a client certificate in ``cumulo:agents`` +
-``cumulo:simulators`` under the shipped RBAC and ValidatingAdmissionPolicy), so its writes pay the same
-admission checks as in production. The admission webhook is not registered (issue 8 adds it to the chart;
+Identities (``identities=``): by default ``tokens``, as a cluster runs them: the controller with a ServiceAccount
+token (cumulo-system/cumulo-controller, bound to cluster-admin rather than the chart's ClusterRole), each agent
+process with the Pod-bound token of ServiceAccount cumulo-system/cumulo-simulator for a Pod on a Node named like
+its host group, as the chart's simulator DaemonSet does. The apiserver caches a verified token for 10 s, whereas
+a client certificate (``certificates``: the controller in ``system:masters``, the agents the restricted
+certificate the tests use, ``cumulo:agents`` + ``cumulo:simulators``) costs an ECDSA chain verification on every
+request, ~6% of the apiserver's CPU in the burst. Either way the agents' writes pass the shipped RBAC and the
+node-restriction ValidatingAdmissionPolicy, as in production. The admission webhook is not registered (issue 8 adds it to the chart;
 with ``failurePolicy: Ignore`` it adds one loopback HTTPS call per tenant create).
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import datetime
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -38,16 +45,23 @@ from pathlib import Path
 
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.common import REPO
 from cumulo import envtest
 
 sys.path.insert(0, str(REPO / "tests" / "integration"))
-from security import mint_agent_kubeconfig  # noqa: E402  (the shipped agent RBAC + node restriction)
+from security import install_security, mint_agent_kubeconfig  # noqa: E402  (the shipped agent RBAC + node restriction)
 
 GROUP, VERSION = "cumulo.io", "v1alpha1"
 BIN = Path(sys.executable).parent
 CONTROLLER_USER = "system:cumulo-controller"
+SYSTEM_NAMESPACE = "cumulo-system"
+CONTROLLER_ACCOUNT = "cumulo-controller"
+SIMULATOR_ACCOUNT = "cumulo-simulator"  # the chart's ServiceAccount of the simulated hosts' DaemonSet
+CONTROLLER_USERS = (CONTROLLER_USER, f"system:serviceaccount:{SYSTEM_NAMESPACE}:{CONTROLLER_ACCOUNT}")
+AGENT_USERS = ("system:cumulo-agent:", f"system:serviceaccount:{SYSTEM_NAMESPACE}:{SIMULATOR_ACCOUNT}")
+"""Prefixes of the agents' user names, for attributing audit entries."""
 PYSPY = os.environ.get("PYSPY", "/tmp/pyspy-venv/bin/py-spy")
 
 
@@ -136,18 +150,124 @@ class Profiler:
             self.popen.kill()
 
 
+def watch_counts(metrics: str) -> dict[str, int]:
+    """Open WATCH requests per resource from kube-apiserver's ``/metrics`` text (``apiserver_longrunning_requests``,
+    summed over scopes and API versions), resources without one left out."""
+    counts: dict[str, int] = {}
+    for line in metrics.splitlines():
+        if not line.startswith("apiserver_longrunning_requests{") or 'verb="WATCH"' not in line:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line[:line.rindex("}")]))
+        resource = labels.get("resource", "") + (f"/{labels['subresource']}" if labels.get("subresource") else "")
+        counts[resource] = counts.get(resource, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return {resource: count for resource, count in sorted(counts.items()) if count}
+
+
+def request_counts(metrics: str) -> collections.Counter[str]:
+    """``apiserver_request_total`` by verb (all resources, all codes) from kube-apiserver's ``/metrics`` text."""
+    counts: collections.Counter[str] = collections.Counter()
+    for family in text_string_to_metric_families(metrics):
+        if family.name == "apiserver_request":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    counts[sample.labels.get("verb", "")] += int(sample.value)
+    return counts
+
+
+class ApiserverProfiler:
+    """kube-apiserver's own CPU profile (``/debug/pprof/profile``) over ``seconds``, taken from a thread while a
+    ``with`` block runs; the control plane must run with ``--profiling=true``. Summarised with the Go toolchain's
+    ``go tool pprof``, the same toolchain that built the binary (cumulo/toolchain.py)."""
+
+    def __init__(self, cloud: SimCloud, output: Path, seconds: int) -> None:
+        self.cloud, self.output, self.seconds = cloud, output, seconds
+        self.error: Exception | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.output.write_bytes(self.cloud.apiserver_get(f"/debug/pprof/profile?seconds={self.seconds}",
+                                                             timeout=self.seconds + 60))
+        except Exception as error:  # reported by top(), never fatal to the benchmark
+            self.error = error
+
+    def __enter__(self) -> ApiserverProfiler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join(self.seconds + 90)
+
+    # Where kube-apiserver's CPU goes, as shares of the profile's samples whose stack holds a matching function
+    # (so the shares overlap: merge patch and managedFields are both part of a status patch).
+    PARTS = {
+        "status patches (StatusREST.Update)": r"customresource\.\(\*StatusREST\)\.Update$",
+        "JSON merge patch applied to the stored object": r"handlers\.\(\*jsonPatcher\)\.applyPatchToCurrentObject",
+        "managedFields (field manager)": r"managedfields",
+        "schema coercion/pruning of custom resources": r"unstructuredSchemaCoercer",
+        "OpenAPI schema validation": r"validate\.\(\*SchemaValidator\)\.Validate$",
+        "CRD CEL rules (x-kubernetes-validations)": r"apiserver/schema/cel\.\(\*Validator\)\.Validate$",
+        "  of which on status patches": r"customresource\.statusStrategy\.ValidateUpdate.*|apiserver/schema/cel\."
+                                         r"\(\*Validator\)\.Validate$",
+        "ValidatingAdmissionPolicy (agent node restriction)": r"policy/validating\.\(\*Plugin\)\.Validate",
+        "audit log": r"audit\.\(\*AuditContext\)\.ProcessEventStage|plugin/pkg/audit|"
+                     r"evaluatePolicyAndCreateAuditEvent",
+        "client-certificate verification": r"x509\.\(\*Authenticator\)\.AuthenticateRequest",
+        "RBAC authorization": r"rbac\.\(\*RBACAuthorizer\)\.Authorize",
+        "etcd watch decoding": r"etcd3\.\(\*watchChan\)",
+        "serving watches (encode, send)": r"handlers\.\(\*WatchServer\)",
+        "GC background marking": r"runtime\.gcBgMarkWorker",
+        "allocation (mallocgc, incl. GC assists)": r"runtime\.mallocgc$",
+    }
+
+    def parts(self) -> dict[str, str]:
+        """``PARTS`` as "share% (seconds)" of the profile."""
+        if self.error is not None or not self.output.exists():
+            return {}
+        go = shutil.which("go") or "/usr/local/go/bin/go"
+        shares = {}
+        for name, pattern in self.PARTS.items():
+            if name.startswith("  of which on status patches"):
+                command = [go, "tool", "pprof", "-top", "-focus", self.PARTS["CRD CEL rules (x-kubernetes-validations)"],
+                           "-show_from", r"customresource\.statusStrategy\.ValidateUpdate", str(self.output)]
+            else:
+                command = [go, "tool", "pprof", "-top", "-focus", pattern, str(self.output)]
+            out = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+            match = re.search(r"Showing nodes accounting for ([\d.]+m?s), ([\d.]+)% of", out)
+            shares[name] = f"{float(match.group(2)):.1f}% ({match.group(1)})" if match else "0%"
+        return shares
+
+    def top(self, count: int = 12, cumulative: bool = False) -> list[str]:
+        """``go tool pprof -top`` lines: ``flat flat% sum% cum cum% function``."""
+        if self.error is not None or not self.output.exists():
+            return [f"no profile: {self.error}"]
+        go = shutil.which("go") or "/usr/local/go/bin/go"
+        command = [go, "tool", "pprof", "-top", f"-nodecount={count}", *(["-cum"] if cumulative else []),
+                   str(self.output)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        lines = result.stdout.splitlines()
+        start = next((i for i, line in enumerate(lines) if line.lstrip().startswith("flat")), None)
+        return lines[start + 1:] if start is not None else [result.stderr.strip()]
+
+
 class SimCloud:
     """Control plane + controller + one simulating agent, and the objects guests need."""
 
     def __init__(self, *, hosts: int, cpus_per_host: int, memory_mib: int = 262144, workdir: Path | None = None,
                  controller_args: t.Sequence[str] = (), agent_args: t.Sequence[str] = (),
-                 restricted_agent: bool = True, keep: bool = False, hosts_per_agent: int | None = None) -> None:
+                 restricted_agent: bool = True, keep: bool = False, hosts_per_agent: int | None = None,
+                 apiserver_args: t.Mapping[str, str | None] | None = None, identities: str = "tokens") -> None:
+        """``apiserver_args``: kube-apiserver flags over envtest's defaults (None removes one); ``identities``:
+        ``tokens`` (ServiceAccount tokens, as in a cluster) or ``certificates`` (client certificates)."""
+        if identities not in ("tokens", "certificates"):
+            raise ValueError(f"identities must be tokens or certificates, not {identities!r}")
+        self.identities = identities
         self.hosts, self.cpus_per_host, self.memory_mib = hosts, cpus_per_host, memory_mib
         self.controller_args, self.agent_args = list(controller_args), list(agent_args)
         self.restricted_agent = restricted_agent
         self.keep = keep
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="cumulo-bench-"))
-        self.plane = envtest.ControlPlane(self.workdir / "plane")
+        self.plane = envtest.ControlPlane(self.workdir / "plane", apiserver_args=apiserver_args)
         self.controller: Process | None = None
         self.agents: list[Process] = []
         self.base = unique("sim")
@@ -193,8 +313,11 @@ class SimCloud:
 
     def start_controller(self) -> None:
         # An identity of its own, so the audit log tells its writes from the benchmark's (which run as admin).
-        kubeconfig = self.plane.mint_kubeconfig(CONTROLLER_USER, ["system:masters"],
-                                                self.workdir / "controller.kubeconfig")
+        if self.identities == "tokens":
+            kubeconfig = self._controller_token()
+        else:
+            kubeconfig = self.plane.mint_kubeconfig(CONTROLLER_USER, ["system:masters"],
+                                                    self.workdir / "controller.kubeconfig")
         self.controller = Process("cumulo-controller", [
             str(BIN / "cumulo-controller"), "--kubeconfig", str(kubeconfig), "--metrics-port", "0",
             *self.controller_args], self.workdir / "controller.log")
@@ -203,7 +326,9 @@ class SimCloud:
 
     def start_agent(self) -> None:
         for group, count in self.groups:
-            if self.restricted_agent:
+            if self.restricted_agent and self.identities == "tokens":
+                kubeconfig = self._simulator_token(group)
+            elif self.restricted_agent:
                 kubeconfig, _ = mint_agent_kubeconfig(self.plane, group, self.workdir / f"{group}.kubeconfig",
                                                       simulator=True)
             else:
@@ -214,6 +339,32 @@ class SimCloud:
                 str(self.cpus_per_host), "--sim-memory-mib", str(self.memory_mib), "--metrics-port", "0",
                 "--state-dir", str(self.workdir / f"{group}-state"), "--log-level", "warning", *self.agent_args],
                 self.workdir / f"{group}.log"))
+
+    def _controller_token(self) -> Path:
+        """A ServiceAccount token of cumulo-system/cumulo-controller, which may do anything (cluster-admin)."""
+        rbac = client.RbacAuthorizationV1Api(self.api)
+        with contextlib.suppress(ApiException):  # exists already: a kept control plane
+            rbac.create_cluster_role_binding({
+                "metadata": {"name": f"{CONTROLLER_ACCOUNT}-benchmark"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+                "subjects": [{"kind": "ServiceAccount", "name": CONTROLLER_ACCOUNT, "namespace": SYSTEM_NAMESPACE}]})
+        return self.plane.service_account_kubeconfig(SYSTEM_NAMESPACE, CONTROLLER_ACCOUNT,
+                                                     self.workdir / "controller.kubeconfig", create_namespace=False)
+
+    def _simulator_token(self, node: str) -> Path:
+        """The Pod-bound token of a simulator DaemonSet Pod on Node ``node``: the node-restriction policy lets it
+        act for the hosts ``<node>-N`` (charts/cumulo/templates/agent-restriction.yaml)."""
+        install_security(self.plane)
+        core = client.CoreV1Api(self.api)
+        core.create_node({"metadata": {"name": node}})
+        with contextlib.suppress(ApiException):  # one ServiceAccount for all agent processes
+            core.create_namespaced_service_account(SYSTEM_NAMESPACE, {"metadata": {"name": SIMULATOR_ACCOUNT}})
+        pod = core.create_namespaced_pod(SYSTEM_NAMESPACE, {"metadata": {"name": f"{SIMULATOR_ACCOUNT}-{node}"}, "spec": {
+            "nodeName": node, "serviceAccountName": SIMULATOR_ACCOUNT,
+            "containers": [{"name": "agent", "image": "cumulo-agent"}]}})
+        return self.plane.service_account_kubeconfig(
+            SYSTEM_NAMESPACE, SIMULATOR_ACCOUNT, self.workdir / f"{node}.kubeconfig", create_namespace=False,
+            bound_object_ref={"kind": "Pod", "name": pod.metadata.name, "uid": pod.metadata.uid})
 
     def stop(self) -> None:
         for process in (*self.agents, self.controller):
@@ -295,15 +446,26 @@ class SimCloud:
 
     # -- the apiserver's own metrics -------------------------------------------------------------
 
-    def apiserver_metrics(self) -> str:
+    def apiserver_get(self, path: str, timeout: float = 30) -> bytes:
+        """GET ``path`` from kube-apiserver as admin (metrics, pprof)."""
         port = self.plane._require_state()["apiserver"]["port"]
-        connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=30,
+        connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout,
                                                  context=self.plane._client_ssl_context())
         try:
-            connection.request("GET", "/metrics")
-            return connection.getresponse().read().decode()
+            connection.request("GET", path)
+            response = connection.getresponse()
+            body = response.read()
+            if response.status != 200:
+                raise RuntimeError(f"GET {path}: {response.status} {body[:200]!r}")
+            return body
         finally:
             connection.close()
+
+    def apiserver_metrics(self) -> str:
+        return self.apiserver_get("/metrics").decode()
+
+    def watchers(self) -> dict[str, int]:
+        return watch_counts(self.apiserver_metrics())
 
 
 class RunningWatch:

@@ -25,9 +25,21 @@ def test_burst_runs() -> None:
     assert "5 guests at once" in out and "5 guests 100 ms apart" in out and "p99" in out
 
 
+def test_burst_profiles_the_apiserver(tmp_path: Path) -> None:
+    out = run("burst.py", "--guests", "5", "--hosts", "2", "--only", "burst", "--apiserver-profile", str(tmp_path),
+              "--apiserver-profile-seconds", "3", "--identities", "certificates", "--no-audit")
+    assert (tmp_path / "kube-apiserver-burst.pprof").stat().st_size > 0
+    assert "kube-apiserver CPU per guest start" in out and "pprof over 3 s" in out and "runtime." in out, out
+    assert "status patches (StatusREST.Update): " in out and "GC background marking: " in out, out
+    assert "open WATCH requests per resource" in out and "virtualmachines" in out, out
+    assert "no audit log" in out and "client certificates" in out and "per guest start: controller" in out
+
+
 def test_api_writes_runs() -> None:
     out = run("api_writes.py", "--guests", "5", "--hosts", "2", "--idle", "2", "--settle", "2")
     assert "writes per VM start" in out and "who writes what" in out
+    # ServiceAccount tokens (the default identities) are told apart like the certificates were.
+    assert "agent patch virtualmachines/status" in out and "controller patch virtualmachines/status" in out, out
 
 
 def test_scale_runs() -> None:
