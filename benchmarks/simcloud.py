@@ -308,7 +308,10 @@ class SimCloud:
         self.start_controller()
         self._infrastructure()
         self.start_agent()
-        self.wait(lambda: self.hosts_up() == self.hosts, timeout=60 + self.hosts * 0.2, what="hosts Up")
+        # Each look lists every Host: at 1,000 hosts (~4 MB of JSON) five looks a second would load the apiserver
+        # that is registering them.
+        self.wait(lambda: self.hosts_up() == self.hosts, timeout=120 + self.hosts * 0.3, what="hosts Up",
+                  interval=0.2 if self.hosts <= 100 else 2.0)
         self._template()
 
     def start_controller(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import logging
 import typing as t
 
@@ -18,15 +19,25 @@ log = logging.getLogger(__name__)
 BLOCKED_RECHECK_SECONDS = 60.0
 
 
+@functools.cache
+def _attribute(model: type, segment: str) -> str:
+    """The Python name of the field whose wire name is ``segment`` (cached: indexes call this per stored object)."""
+    fields = getattr(model, "model_fields", {})
+    return next((name for name, field in fields.items() if (field.alias or name) == segment), segment)
+
+
+@functools.cache
+def _segments(path: str) -> tuple[str, ...]:
+    return tuple(path.strip(".").split("."))
+
+
 def get_path(obj: t.Any, path: str) -> t.Any:
     """The value at a JSON path like ``.spec.zone`` (wire names) on a parsed object, or None."""
     value = obj
-    for segment in path.strip(".").split("."):
+    for segment in _segments(path):
         if value is None:
             return None
-        fields = type(value).model_fields
-        attribute = next((name for name, field in fields.items() if (field.alias or name) == segment), segment)
-        value = getattr(value, attribute, None)
+        value = getattr(value, _attribute(type(value), segment), None)
     return value
 
 
