@@ -24,7 +24,7 @@ class OfferingReconciler(InventoryReconciler):
         return self.status_class(**{
             "observed_generation": generation, "phase": inventory.phase(ctx, ready),
             "conditions": inventory.conditions(offering.status.conditions, generation, ctx, ready),
-            self.users_field: len(self.store.by(users.plural, users.index, offering.metadata.name)),
+            self.users_field: self.store.count(users.plural, users.index, offering.metadata.name),
         })
 
 

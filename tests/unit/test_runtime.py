@@ -143,3 +143,21 @@ def test_compactor_interns_strings_in_lists_and_dicts_of_models():
     assert one.inner[0].labels["k"] is two.inner[0].labels["k"]
     assert one.inner[0].__pydantic_fields_set__ is two.inner[0].__pydantic_fields_set__
     assert one == two
+
+
+def test_store_index_answers_stay_sorted_and_current_and_empty_values_go():
+    store = Store([Kind("pods", "g", "v", False, Obj)])
+    store.define_index("pods", "zone", lambda o: [o.zone])
+    for name in ("p3", "p1", "p2"):
+        store.upsert("pods", raw(name, "z1", "1"))
+    names = lambda value: [o.raw["metadata"]["name"] for o in store.by("pods", "zone", value)]  # noqa: E731
+    assert names("z1") == ["p1", "p2", "p3"] and store.count("pods", "zone", "z1") == 3
+    store.upsert("pods", raw("p2", "z1", "2"))  # a change that moves nothing: the cached order serves
+    assert names("z1") == ["p1", "p2", "p3"] and store.by("pods", "zone", "z1")[1].raw["metadata"]["resourceVersion"] == "2"
+    store.upsert("pods", raw("p0", "z1", "1"))
+    store.upsert("pods", raw("p3", "z2", "2"))
+    assert names("z1") == ["p0", "p1", "p2"] and names("z2") == ["p3"]
+    store.remove("pods", raw("p3", "z2", "3"))
+    assert names("z2") == [] and store.count("pods", "zone", "z2") == 0
+    assert "z2" not in store._indexes["pods", "zone"]  # no empty set left behind
+    assert store.count("pods", "zone", None) == 0 and store.by("pods", "zone", None) == []
