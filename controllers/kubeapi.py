@@ -115,11 +115,13 @@ class KubeApi:
         """A JSON merge patch of the object (spec or metadata)."""
         await self._patch(kind, name, namespace, body, missing_ok=True)
 
-    async def create(self, kind: Kind, body: dict) -> None:
-        """Create an object; one that already exists is fine (the caller's earlier attempt got through)."""
+    async def create(self, kind: Kind, body: dict) -> dict | None:
+        """Create an object; the object as created, or None when it already exists (the caller's earlier attempt
+        got through)."""
         self.writes += 1
         with contextlib.suppress(Conflict):
-            await self._request("create", kind, body["metadata"].get("namespace"), body)
+            return await self._request("create", kind, body["metadata"].get("namespace"), body)
+        return None
 
     async def delete(self, kind: Kind, name: str, namespace: str | None) -> None:
         self.writes += 1

@@ -171,6 +171,14 @@ class ObjectReconciler(abc.ABC):
         self._written[key] = (uid, wanted, time.monotonic())
         return True
 
+    def last_report(self, key: str, obj: t.Mapping[str, t.Any]) -> dict[str, t.Any] | None:
+        """``status.<status_key>`` as this agent last wrote it, if the cache may not show it yet; else the cache's."""
+        uid = str((obj.get("metadata") or {}).get("uid", ""))
+        written = self._written.get(key)
+        if written is not None and written[0] == uid and time.monotonic() - written[2] < CACHE_LAG_SECONDS:
+            return written[1]
+        return (obj.get("status") or {}).get(self.status_key)
+
     async def get_live(self, key: str) -> dict[str, t.Any] | None:
         """The object from the API itself, not the cache (None: it does not exist). Raises KubeError when
         the API cannot answer: a caller deciding to destroy something must then do nothing."""

@@ -87,6 +87,10 @@ STOPPING_POLL = 1.0
 FENCED_RETRY = 2.0
 
 
+class DisksPending(Exception):
+    """A disk of the launch is still being created by this agent: the start waits, reporting nothing."""
+
+
 class StartRefused(Exception):
     """The domain cannot be started as described (a disk file is missing...); the message is reported."""
 
@@ -264,7 +268,11 @@ class VmReconciler(ObjectReconciler):
             elif vmspec.wants_running(launch):
                 self._stopping.pop(key, None)
                 self._released.discard(uid)
-                domain, delay, message = await self._run(key, vm, launch, worker, domain)
+                try:
+                    domain, delay, message = await self._run(key, vm, launch, worker, domain)
+                except DisksPending:
+                    return None  # nothing to report: no domain, no failure
+
             else:
                 self._starts.pop(key, None)
                 domain, delay = await self._stop(key, uid, hypervisor, domain)
@@ -355,6 +363,14 @@ class VmReconciler(ObjectReconciler):
             if wait > 0:
                 return None, wait, message
             await self._ensure_segments(worker, launch)
+            pending = self.agent.volumes.disks_pending(key.partition("/")[0], launch.disks)
+            if pending:
+                # The launch comes with the placement; this agent is still creating a disk of it. Its report
+                # requeues the guest (VolumeReconciler.wake_guest); the controller shows the disk's progress.
+                self.transition(key, "start", "waiting", logging.INFO, "waiting for disks before starting",
+                                volumes=pending)
+                raise DisksPending()
+            self.transition(key, "start", "starting", logging.DEBUG, "starting")
             domain = await self._start(key, vm, launch, worker)
             await self._security_groups(worker, uid, launch)
             return domain, None, ""

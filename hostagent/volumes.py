@@ -79,6 +79,31 @@ class VolumeReconciler(ObjectReconciler):
                 return domain
         return None
 
+    def disks_pending(self, namespace: str, disks: t.Iterable[t.Any]) -> list[str]:
+        """Disks of a launch (LaunchDisk) whose Volumes are bound to this agent and not created yet (or not yet
+        grown to the launch's size), by what this agent last reported. A Volume not bound here is not waited
+        for: the start's own checks apply to it."""
+        pending = []
+        for disk in disks:
+            key = f"{namespace}/{disk.volume}"
+            volume = self.informer.cache.get(key)
+            if volume is None or self.bound_host(volume) is None:
+                continue
+            report = self.last_report(key, volume) or {}
+            if not report.get("exists") or (report.get("sizeBytes") or 0) < (disk.size_bytes or 0):
+                pending.append(disk.volume)
+        return pending
+
+    def on_event(self, kind: str, key: str, old: dict[str, t.Any] | None, new: dict[str, t.Any] | None) -> None:
+        if new is not None and ((new.get("status") or {}).get("node") or {}).get("exists"):
+            self.wake_guest(key, new)
+
+    def wake_guest(self, key: str, volume: t.Mapping[str, t.Any]) -> None:
+        """A guest of this agent waiting for the disk (see :meth:`disks_pending`) looks again."""
+        name = ((volume.get("spec") or {}).get("virtualMachine") or {}).get("name")
+        if name:
+            self.agent.vms.queue.add(f"{key.partition('/')[0]}/{name}")
+
     async def reconcile(self, key: str, volume: dict[str, t.Any] | None) -> float | None:
         if volume is None:
             self.forget_states(key)
@@ -201,6 +226,8 @@ class VolumeReconciler(ObjectReconciler):
         else:
             self._states.pop((key, "error"), None)
         await self.report(key, volume, {**disk_report(state, message, previous), **done})
+        if state is not None:
+            self.wake_guest(key, volume)
         return delay
 
     @staticmethod

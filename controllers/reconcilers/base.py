@@ -71,6 +71,9 @@ class InventoryReconciler(Reconciler, abc.ABC):
     progress_reasons: t.ClassVar[frozenset[str]] = frozenset()
     """Ready reasons that are steps of a normal transition: announced only with a change from one phase to another,
     not within a phase nor on the first status (an Event is a write; a burst of guests should not pay one per step)."""
+    quiet_ready_phases: t.ClassVar[frozenset[str]] = frozenset()
+    """Phases reached by normal progress without an Event (another object's Event says it: a root disk's Ready and
+    Attached follow its guest's start); reaching them out of a failure is announced."""
 
     def setup(self) -> None:
         for dependent in self.dependents:
@@ -142,6 +145,7 @@ class InventoryReconciler(Reconciler, abc.ABC):
             if labels:
                 meta = obj.metadata.model_copy(update={"labels": {**obj.metadata.labels, **labels}})
                 obj = obj.model_copy(update={"metadata": meta})
+        status = await self.prepare(obj, status, ctx)
         await self.write_status(obj, status)
         if not deleting(obj):
             await self.act(obj, status)
@@ -150,6 +154,10 @@ class InventoryReconciler(Reconciler, abc.ABC):
     def first_labels(self, obj: t.Any, status: t.Any) -> dict[str, str]:
         """Labels to set in the same write as the finalizer (which ``act`` would otherwise set in another)."""
         return {}
+
+    async def prepare(self, obj: t.Any, status: t.Any, ctx: Context) -> t.Any:
+        """Child objects the status must name, created before it is written; the status to write."""
+        return status
 
     async def finalize(self, obj: t.Any) -> bool:
         """Release what the object holds outside the API; True once nothing is left (then the finalizer
@@ -177,6 +185,9 @@ class InventoryReconciler(Reconciler, abc.ABC):
         if old == new or new_ready is None:
             return
         if new[1] in self.progress_reasons and (old[0] == new[0] or old[0] is None):
+            return
+        if new_ready.status.value == "True" and status.phase in self.quiet_ready_phases and (
+                old_ready is None or old_ready.status.value == "True" or old_ready.reason in self.progress_reasons):
             return
         type_ = "Normal" if new_ready.status.value == "True" or status.phase == "Deleting" else "Warning"
         note = f"{status.phase}: {new_ready.message or new_ready.reason}"

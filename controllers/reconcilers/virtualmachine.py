@@ -67,7 +67,7 @@ def domain_stopped(vm: VirtualMachine) -> bool:
 class VirtualMachineReconciler(InventoryReconciler):
     kind = kinds.VIRTUALMACHINES
     agent_status_keys = ("node",)
-    progress_reasons = frozenset({"Starting"})
+    progress_reasons = frozenset({"Starting", "CreatingRootVolume", "NetworkImplementing"})
 
     def setup(self) -> None:
         super().setup()
@@ -246,7 +246,9 @@ class VirtualMachineReconciler(InventoryReconciler):
             memory_mib=offering.spec.memory_mib, hypervisor=hypervisor, host_tags=frozenset(offering.spec.host_tags),
             storage_type=offering.spec.storage_type.value, storage_tags=frozenset(offering.spec.storage_tags),
             disk_bytes=disk_bytes, affinity=self._affinity(vm), pod=pin.pod, cluster=pin.cluster, host=pin.host)
-        existing_pool = root.status.storage_pool if root is not None else None
+        # A root volume created just before its guest's placement was recorded names the planner's pool in its
+        # spec only (see prepare).
+        existing_pool = (root.status.storage_pool or root.spec.storage_pool) if root is not None else None
         if existing_pool:
             # The root disk already exists: only hosts that reach its pool will do. A pool the volume was
             # explicitly moved to (spec.storagePool: a storage migration), not the offering, says whether that is
@@ -425,12 +427,17 @@ class VirtualMachineReconciler(InventoryReconciler):
             VmPhase.STARTING
 
     def _storage_check(self, root, data, host: str) -> Check:
+        """StorageReady: every disk is on a pool the host reaches and none has failed. A root disk the agent is
+        still creating passes once its target is known (the launch carries it; the agent creates the disk before
+        the domain starts), so the guest's status does not change again when the disk appears."""
         if root is None:
             return Check.failed("CreatingRootVolume", "creating the root volume")
         for volume in [root, *data]:
             ready = find(volume.status.conditions, "Ready")
             if volume is root and (ready is None or (ready.status.value != "True" and ready.reason in VOLUME_PROGRESS)):
-                return Check.failed("CreatingRootVolume", "creating the root volume")
+                if self._root_target(root) is None:
+                    return Check.failed("CreatingRootVolume", "creating the root volume")
+                continue
             if ready is None or ready.status.value != "True":
                 why = ready.message if ready else "not reconciled yet"
                 if volume is root or volume.status.storage_pool:
@@ -438,6 +445,13 @@ class VirtualMachineReconciler(InventoryReconciler):
         if root.status.host and root.status.host != host:
             return Check.failed("RootDiskElsewhere", f"the root disk is on host {root.status.host}")
         return Check.passed("VolumesReady")
+
+    def _root_target(self, root) -> t.Any:
+        """Where the root disk goes (pool, path, format, size, Ceph access): what the volume's status says once
+        its reconciler recorded it, else what it will record; None while that is not known yet."""
+        if root.status.path:
+            return root.status
+        return self.runtime.reconcilers["volumes"].planned_target(root)
 
     # -- NICs ---------------------------------------------------------------------------------------
 
@@ -613,13 +627,14 @@ class VirtualMachineReconciler(InventoryReconciler):
         disks = []
         for volume in chosen:
             device = "vda" if volume is root else previous.get(volume.metadata.name) or next(free)
-            pool = self.store.get("storagepools", volume.status.storage_pool)
-            rbd = volume.status.rbd
+            target = volume.status if volume.status.path or volume is not root else self._root_target(root)
+            pool = self.store.get("storagepools", target.storage_pool)
+            rbd = target.rbd
             disks.append(LaunchDisk(
-                volume=volume.metadata.name, device=device, pool=volume.status.storage_pool,
+                volume=volume.metadata.name, device=device, pool=target.storage_pool,
                 pool_type=pool.spec.type.value if pool else "Filesystem",
-                path=f"{rbd.pool}/{volume.status.path}" if rbd else volume.status.path,
-                format=volume.status.format or "qcow2", size_bytes=volume.status.size_bytes or 0, rbd=rbd))
+                path=f"{rbd.pool}/{target.path}" if rbd else target.path,
+                format=target.format or "qcow2", size_bytes=target.size_bytes or 0, rbd=rbd))
         copy = next(c for c in template.status.zones if c.zone == vm.spec.zone)
         kernel = template.spec.direct_kernel_boot
         return LaunchSpec(
@@ -659,6 +674,23 @@ class VirtualMachineReconciler(InventoryReconciler):
         elif root is not None and not root.spec.storage_pool and status.placement and status.placement.storage_pool:
             await api.patch(kinds.VOLUMES, root.metadata.name, root.metadata.namespace,
                             {"spec": {"storagePool": status.placement.storage_pool}})
+
+    async def prepare(self, vm: VirtualMachine, status: VirtualMachineStatus, ctx: inventory.Context) -> \
+            VirtualMachineStatus:
+        """A guest placed just now gets its root Volume before the placement is recorded, so that one status
+        write carries both the placement and the launch (with the root disk's target): the agent creates the
+        disk and starts the domain without waiting for two more controller writes. A crash in between leaves a
+        root Volume naming the planner's pool; the next placement keeps to that pool (``_place``)."""
+        placement = status.placement
+        if ctx.deleting or vm.spec.state != DesiredState.RUNNING or placement is None or not placement.host or \
+                not placement.storage_pool or vm.status.placement is not None or self._volumes(vm)[0] is not None \
+                or self.store.get("volumes", root_volume_name(vm), vm.metadata.namespace) is not None:
+            return status
+        created = await self.runtime.api.create(kinds.VOLUMES, self._root_volume(vm, placement))
+        if created is None:
+            return status  # it existed already; its watch event brings it
+        self.runtime.observe("volumes", "ADDED", created)
+        return self.derive(vm, ctx)
 
     def _root_volume(self, vm: VirtualMachine, placement: Placement | None = None) -> dict:
         """The root Volume, created as its reconciler would leave it after its first steps when the guest is

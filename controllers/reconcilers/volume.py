@@ -104,6 +104,7 @@ class VolumeReconciler(InventoryReconciler):
     kind = kinds.VOLUMES
     agent_status_keys = ("node",)
     progress_reasons = frozenset({"Creating"})
+    quiet_ready_phases = frozenset({VolumePhase.READY.value, VolumePhase.ATTACHED.value})
 
     def setup(self) -> None:
         super().setup()
@@ -218,6 +219,18 @@ class VolumeReconciler(InventoryReconciler):
         return BaseImage(source=copy.path, path=base_image_path(pool, template.metadata.uid, fmt),
                          format="raw" if fmt == ImageFormat.RAW else "qcow2"), ""
 
+    def planned_target(self, volume: Volume) -> VolumeStatus | None:
+        """The target :meth:`derive` will record for a volume not handed over yet (pool, path, format, size,
+        Ceph access; None while it cannot be known), so a guest's launch can carry its root disk at once."""
+        vm = self._vm(volume)
+        pool, _why = self._pool(volume, vm, volume.status.storage_pool)
+        wanted, _why = self._wanted_bytes(volume, self._template(volume))
+        if pool is None or wanted is None or volume.spec.from_snapshot:
+            return None
+        rbd = pool.spec.type == PoolType.RBD
+        return VolumeStatus(storage_pool=pool.metadata.name, path=disk_path(pool, volume),
+                            format="raw" if rbd else "qcow2", size_bytes=wanted, rbd=pool.spec.rbd if rbd else None)
+
     # -- reconcile ------------------------------------------------------------------------------
 
     def derive(self, volume: Volume, ctx: inventory.Context) -> VolumeStatus:
@@ -290,7 +303,7 @@ class VolumeReconciler(InventoryReconciler):
             checks.append(Check.failed("Reverting", f"reverting to snapshot {status.revert.snapshot}"))
         if node is not None and node.message:
             checks.append(Check.failed("DiskError", node.message))
-        elif not checks and (node is None or not node.exists):
+        elif not checks and (node is None or not node.exists or self._guest_starting(volume, vm, status)):
             checks.append(Check.failed("Creating", f"the agent of {status.host} is creating the disk"))
         elif not checks and node.size_bytes is not None and status.size_bytes and node.size_bytes < status.size_bytes:
             checks.append(Check.failed("Resizing", f"growing the disk to {math.ceil(status.size_bytes / GIB)} GiB"))
@@ -316,6 +329,21 @@ class VolumeReconciler(InventoryReconciler):
                                                  Migrated=migrated, Reverted=revert,
                                                  SnapshotPolicy=self._policy_check(volume))
         return status
+
+    @staticmethod
+    def _guest_starting(volume: Volume, vm: t.Any, status: VolumeStatus) -> bool:
+        """A root disk just created for a guest whose start is under way: it stays Creating until the domain runs
+        (or the start fails), then goes to Attached in one status write rather than Ready and Attached in two.
+        The guest's start does not wait for this status (the agent reads its own report)."""
+        if volume.spec.type != VolumeType.ROOT or vm is None or vm.status.launch is None:
+            return False
+        ready = find(volume.status.conditions, "Ready")
+        if ready is None or ready.reason != "Creating" or vm.status.launch.power_state.value != "Running":
+            return False
+        node = vm.status.node
+        return vm.status.launch.host == status.host and \
+            any(d.volume == volume.metadata.name for d in vm.status.launch.disks) and \
+            (node is None or (node.domain_state != "running" and not node.message))
 
     # -- snapshot policies ------------------------------------------------------------------------
 

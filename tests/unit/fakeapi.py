@@ -88,10 +88,11 @@ class FakeApi:
         self.calls.append(("patch", kind.plural, name))
         await self._update(kind, name, namespace, lambda raw: _merge(raw, body))
 
-    async def create(self, kind: Kind, body: dict) -> None:
+    async def create(self, kind: Kind, body: dict) -> dict | None:
         self.calls.append(("create", kind.plural, body["metadata"]["name"]))
         if (kind.plural, body["metadata"].get("namespace"), body["metadata"]["name"]) not in self.objects:
-            self.put(kind.plural, body)
+            return copy.deepcopy(self.put(kind.plural, body))
+        return None
 
     async def delete(self, kind: Kind, name: str, namespace: str | None) -> None:
         self.calls.append(("delete", kind.plural, name))

@@ -73,8 +73,11 @@ def make_agent(tmp_path: Path, *, storage: t.Any = None, hosts: Sequence[str] = 
         workers[host] = types.SimpleNamespace(
             name=host, hypervisor=hypervisor, facts=None, network=SimulatorNetworkDriver(),
             storage=host_storage, storage_for=storage_for)
-    return types.SimpleNamespace(config=config, api=FakeApi(), workers=workers, faults=faults, sizes=sizes,
-                                 rbd_pools=None)
+    agent = types.SimpleNamespace(config=config, api=FakeApi(), workers=workers, faults=faults, sizes=sizes,
+                                  rbd_pools=None)
+    agent.volumes = VolumeReconciler(agent)
+    agent.vms = VmReconciler(agent)
+    return agent
 
 
 def apply_status(obj: dict, patch: dict) -> None:
@@ -344,6 +347,32 @@ def test_sweep_destroys_only_confirmed_orphans(tmp_path):
         gets = sorted(path for method, path, _ in agent.api.requests if method == "GET")
         assert gets == sorted(path.format(name) for name in ("gone", "moved", "lag", "unsure"))
         assert len(reconciler.queue) == 2  # web (adopted) and lag (its reconcile takes over once cached)
+
+    asyncio.run(main())
+
+
+def test_a_start_waits_silently_for_the_root_disk_this_agent_is_creating(tmp_path):
+    """The controller writes the launch with the placement; the domain starts once this agent's volume worker
+    has created the disk, and nothing is reported meanwhile (no failure, no extra write)."""
+    async def main() -> None:
+        agent = make_agent(tmp_path)
+        reconciler = agent.vms
+        root = {"metadata": {"name": "web-root", "namespace": "ns", "uid": "r1", "labels": {"cumulo.io/host": "h1"}},
+                "spec": {"virtualMachine": {"name": "web"}},
+                "status": {"host": "h1", "path": "/p/root.qcow2", "sizeBytes": 1 << 30, "storagePool": "p"}}
+        agent.volumes.informer.cache["ns/web-root"] = root
+        vm = vm_object()
+        assert await vm_round(reconciler, vm) is None
+        assert await agent.workers["h1"].hypervisor.domain(UID) is None and agent.api.patches() == []
+        assert "ns/web" not in reconciler.queue._due
+
+        await agent.volumes.reconcile("ns/web-root", root)  # creates the disk, reports it, wakes the guest
+        assert "ns/web" in reconciler.queue._due
+        assert agent.api.patches()[-1]["status"]["node"]["exists"] is True
+        await vm_round(reconciler, vm)
+        domain = await agent.workers["h1"].hypervisor.domain(UID)
+        assert domain is not None and domain.active and vm["status"]["node"]["domainState"] == "running"
+        assert len(agent.api.patches()) == 2  # the disk's report and the guest's: nothing else
 
     asyncio.run(main())
 

@@ -111,6 +111,7 @@ def test_a_vm_goes_from_template_to_running_and_back_to_stopped():
         template = api.get("templates", "tiny", "demo")
         assert template["status"]["state"] == "Ready" and HOST_LABEL not in template["metadata"].get("labels", {})
 
+        before_vm = len(api.calls)
         api.put("virtualmachines", obj("VirtualMachine", "vm1", {"serviceOffering": "small",
                                                                  "template": {"name": "tiny"}, "zone": "z1"},
                                        namespace="demo"))
@@ -123,18 +124,30 @@ def test_a_vm_goes_from_template_to_running_and_back_to_stopped():
         assert root["status"]["path"] == "/pools/h1/uid-vm1-root.qcow2"
         assert root["status"]["baseImage"]["source"].startswith("/images/templates/demo/tiny-")
         assert root["status"]["sizeBytes"] == GIB and root["metadata"]["labels"][HOST_LABEL] == "h1"
-        assert "launch" not in vm["status"], "launched before the root disk existed"
+        # The placement and the launch go in one status write; the launch names the root disk's target before
+        # the disk exists (the agent creates it before it starts the domain).
+        launch = vm["status"]["launch"]
+        assert launch["host"] == "h1" and launch["cpuNumber"] == 1 and launch["memoryMiB"] == 512
+        assert launch["disks"][0]["path"] == root["status"]["path"] and launch["powerState"] == "Running"
+        assert launch["disks"][0]["sizeBytes"] == GIB and launch["disks"][0]["pool"] == "h1-local"
+        assert [c for c in api.calls if c == ("patch_status", "virtualmachines", "vm1")] == \
+            [("patch_status", "virtualmachines", "vm1")]
+        assert conditions(vm)["Ready"]["reason"] == "Starting" and conditions(vm)["StorageReady"]["status"] == "True"
 
         agent_creates_disk(api, "vm1-root")
         await settle(runtime)
-        vm = api.get("virtualmachines", "vm1", "demo")
-        launch = vm["status"]["launch"]
-        assert launch["host"] == "h1" and launch["cpuNumber"] == 1 and launch["memoryMiB"] == 512
-        assert launch["disks"][0]["path"] == "/pools/h1/uid-vm1-root.qcow2" and launch["powerState"] == "Running"
+        vm_after = api.get("virtualmachines", "vm1", "demo")
+        assert vm_after["status"] == vm["status"], "the disk's creation rewrote the guest's status"
         agent_runs(api, "vm1")
         await settle(runtime)
         vm = api.get("virtualmachines", "vm1", "demo")
         assert vm["status"]["phase"] == "Running" and conditions(vm)["Ready"]["status"] == "True"
+        # The root disk's status: its target (Creating), then Attached once the domain runs; no Ready between.
+        root = api.get("volumes", "vm1-root", "demo")
+        assert root["status"]["phase"] == "Attached" and conditions(root)["Ready"]["status"] == "True"
+        assert api.calls.count(("patch_status", "volumes", "vm1-root")) == 2
+        # One Event for the whole start: the guest's; its root disk's Ready and Attached raise none.
+        assert [c[1] for c in api.calls[before_vm:] if c[0] == "event"] == ["Running"]
         host = api.get("hosts", "h1")
         assert host["status"]["capacity"]["cpuCores"]["allocated"] == 1
         assert runtime.reconcilers["virtualmachines"].ledger.used("h1") == (1, 512)
