@@ -73,7 +73,8 @@ def controller(control_plane: envtest.ControlPlane) -> Iterator[Process]:
     ], control_plane.workdir / "cumulo-controller.log")
     process.metrics_port = metrics_port  # scrape http://127.0.0.1:<metrics_port>/metrics
     try:
-        process.wait_for_log("reconciling with")
+        # Generous: on a loaded machine the apiserver answers the start-up LISTs with 429s (each retried after 1 s).
+        process.wait_for_log("reconciling with", timeout=120)
         yield process
     finally:
         process.stop()
