@@ -253,6 +253,10 @@ class Store:
         objects = self._objects[plural]
         return [objects[k] for k in keys if k in objects]
 
+    def size(self, plural: str) -> int:
+        """How many objects of ``plural`` are stored."""
+        return len(self._objects[plural])
+
     def count(self, plural: str, index: str, value: str | None) -> int:
         """How many objects ``by`` would return, without building the list."""
         return len(self._indexes[plural, index].get(value, ())) if value is not None else 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import operator
 import typing as t
 
 from controllers import hainvestigation, inventory, ipam, kinds, metrics, migration, planner
@@ -87,7 +88,9 @@ class VirtualMachineReconciler(InventoryReconciler):
                                                                      for g in vm.spec.security_groups])
         self._waiting_for_capacity: set[tuple[str, str]] = set()
         self.placements = metrics.PlacementClock()
-        self._inventory_cache: tuple[tuple, planner.Inventory] | None = None
+        self._inventory_cache: tuple[tuple, tuple, planner.Inventory] | None = None
+        # (plural, name) -> (the stored object, its planner candidate); see _candidates.
+        self._candidate_cache: dict[tuple[str, str], tuple[t.Any, t.Any]] = {}
         # Placements decided but maybe not back from the watch yet: key -> (uid, placement, message).
         self._decided: dict[str, tuple[str, Placement, str]] = {}
 
@@ -184,43 +187,73 @@ class VirtualMachineReconciler(InventoryReconciler):
         self.ledger.reserve(vm_key(vm), host, cpu, memory, vm.metadata.namespace)
 
     def _inventory(self, zone: str) -> planner.Inventory:
-        """The planner's view of the zone, rebuilt only when a host or pool changed."""
+        """The planner's view of the zone, rebuilt only when a host's or pool's candidate changed (a placement
+        changes its host's allocation, which no candidate holds, and its pool's, which one does)."""
         version = (zone, self.store.changes("hosts"), self.store.changes("storagepools"))
-        if self._inventory_cache is None or self._inventory_cache[0] != version:
-            self._inventory_cache = (version, planner.Inventory(*self._candidates(zone)))
-        return self._inventory_cache[1]
+        if self._inventory_cache is not None and self._inventory_cache[0] == version:
+            return self._inventory_cache[2]
+        candidates = self._candidates(zone)
+        if self._inventory_cache is not None and self._inventory_cache[0][0] == zone and \
+                all(len(new) == len(old) and all(map(operator.is_, new, old))
+                    for new, old in zip(candidates, self._inventory_cache[1])):
+            self._inventory_cache = (version, candidates, self._inventory_cache[2])
+        else:
+            self._inventory_cache = (version, candidates, planner.Inventory(*candidates))
+        return self._inventory_cache[2]
 
     def _candidates(self, zone: str) -> tuple[list[planner.HostCandidate], list[planner.PoolCandidate]]:
-        hosts = []
-        for host in self.store.by("hosts", ".status.zone", zone):
-            status = host.status
-            capacity = status.capacity
-            unusable = ""
-            if status.state != HostState.UP:
-                unusable = (status.state or HostState.CONNECTING).value
-            elif status.effective_allocation_state != AllocationState.ENABLED:
-                unusable = status.resource_state.value if status.resource_state else "Disabled"
-            elif not find(status.conditions, "HypervisorHealthy") or \
-                    find(status.conditions, "HypervisorHealthy").status.value != "True":
-                unusable = "reporting a hypervisor error"
-            hosts.append(planner.HostCandidate(
-                name=host.metadata.name, zone=zone, pod=status.pod or "", cluster=host.spec.cluster,
-                hypervisor=(status.node.hypervisor_type.value if status.node and status.node.hypervisor_type else ""),
-                tags=frozenset(host.spec.host_tags), cpu_total=capacity.cpu_cores.total if capacity else 0,
-                memory_total_mib=capacity.memory_mib.total if capacity else 0, unusable=unusable))
-        pools = []
-        for pool in self.store.list("storagepools"):
-            if pool.spec.zone != zone:
-                continue
-            scope_name = {PoolScope.HOST: pool.spec.host, PoolScope.CLUSTER: pool.spec.cluster}.get(pool.spec.scope,
-                                                                                                   pool.spec.zone)
-            pools.append(planner.PoolCandidate(
-                name=pool.metadata.name, scope=pool.spec.scope.value, scope_name=scope_name or "",
-                tags=frozenset(pool.spec.tags), usable=pool.spec.enabled and pool.status.state == PoolState.UP,
-                hosts=frozenset(h for h, a in pool.status.host_access.items() if a.reachable),
-                capacity_bytes=int((pool.status.capacity_bytes or 0) * pool.spec.overprovisioning_factor),
-                allocated_bytes=pool.status.allocated_bytes or 0, local=pool.spec.scope == PoolScope.HOST))
+        """Each host's and pool's candidate, recomputed only for objects stored since it was computed (the store
+        replaces an object on every change): at 1,000 hosts and pools a placement recomputes two, not 2,000."""
+        hosts = [self._host_candidate(host, zone) for host in self.store.by("hosts", ".status.zone", zone)]
+        all_pools = self.store.list("storagepools")
+        pools = [self._pool_candidate(pool) for pool in all_pools if pool.spec.zone == zone]
+        if len(self._candidate_cache) > 2 * (self.store.size("hosts") + len(all_pools)) + 64:
+            # Deleted hosts and pools: drop their entries now and then.
+            self._candidate_cache = {key: value for key, value in self._candidate_cache.items()
+                                     if self.store.get(*key) is value[0]}
         return hosts, pools
+
+    def _host_candidate(self, host: t.Any, zone: str) -> planner.HostCandidate:
+        cached = self._candidate_cache.get(("hosts", host.metadata.name))
+        if cached is not None and cached[0] is host:
+            return cached[1]
+        status = host.status
+        capacity = status.capacity
+        unusable = ""
+        if status.state != HostState.UP:
+            unusable = (status.state or HostState.CONNECTING).value
+        elif status.effective_allocation_state != AllocationState.ENABLED:
+            unusable = status.resource_state.value if status.resource_state else "Disabled"
+        elif not find(status.conditions, "HypervisorHealthy") or \
+                find(status.conditions, "HypervisorHealthy").status.value != "True":
+            unusable = "reporting a hypervisor error"
+        candidate = planner.HostCandidate(
+            name=host.metadata.name, zone=zone, pod=status.pod or "", cluster=host.spec.cluster,
+            hypervisor=(status.node.hypervisor_type.value if status.node and status.node.hypervisor_type else ""),
+            tags=frozenset(host.spec.host_tags), cpu_total=capacity.cpu_cores.total if capacity else 0,
+            memory_total_mib=capacity.memory_mib.total if capacity else 0, unusable=unusable)
+        return self._cache_candidate("hosts", host, candidate, cached)
+
+    def _cache_candidate(self, plural: str, obj: t.Any, candidate: t.Any, cached: tuple | None) -> t.Any:
+        """Keep the cached candidate when it did not change, so the inventory can compare by identity."""
+        if cached is not None and cached[1] == candidate:
+            candidate = cached[1]
+        self._candidate_cache[(plural, obj.metadata.name)] = (obj, candidate)
+        return candidate
+
+    def _pool_candidate(self, pool: t.Any) -> planner.PoolCandidate:
+        cached = self._candidate_cache.get(("storagepools", pool.metadata.name))
+        if cached is not None and cached[0] is pool:
+            return cached[1]
+        scope_name = {PoolScope.HOST: pool.spec.host, PoolScope.CLUSTER: pool.spec.cluster}.get(pool.spec.scope,
+                                                                                               pool.spec.zone)
+        candidate = planner.PoolCandidate(
+            name=pool.metadata.name, scope=pool.spec.scope.value, scope_name=scope_name or "",
+            tags=frozenset(pool.spec.tags), usable=pool.spec.enabled and pool.status.state == PoolState.UP,
+            hosts=frozenset(h for h, a in pool.status.host_access.items() if a.reachable),
+            capacity_bytes=int((pool.status.capacity_bytes or 0) * pool.spec.overprovisioning_factor),
+            allocated_bytes=pool.status.allocated_bytes or 0, local=pool.spec.scope == PoolScope.HOST)
+        return self._cache_candidate("storagepools", pool, candidate, cached)
 
     def _affinity(self, vm: VirtualMachine) -> tuple[planner.AffinityRule, ...]:
         rules = []

@@ -326,3 +326,37 @@ def test_user_data_from_a_secret_is_a_reference_in_the_launch_and_a_missing_key_
         await runtime.stop()
 
     asyncio.run(scenario())
+
+
+def test_the_planner_inventory_recomputes_only_the_candidates_of_changed_hosts_and_pools():
+    async def scenario():
+        api = FakeApi()
+        world(api, hosts=("h1", "h2", "h3"))
+        runtime = await start(api)
+        vms = runtime.reconcilers["virtualmachines"]
+        hosts, pools = vms._candidates("z1")
+        inventory = vms._inventory("z1")
+        assert [h.name for h in hosts] == ["h1", "h2", "h3"] and len(pools) == 3
+
+        # A capacity change on h2's Host (as a placement makes) is a new stored object: only its candidate is
+        # computed again, and since it holds nothing that changed, the inventory stays the same.
+        host = api.get("hosts", "h2")
+        host["status"]["capacity"]["cpuCores"]["allocated"] = 1
+        api.put("hosts", host)
+        again, pools_again = vms._candidates("z1")
+        assert all(a is b for a, b in zip(again, hosts))
+        assert all(a is b for a, b in zip(pools_again, pools))
+        assert vms._inventory("z1") is inventory
+
+        # A pool's allocation is in its candidate: that one changes, and the inventory is rebuilt with it.
+        pool = api.get("storagepools", "h3-local")
+        pool["status"]["allocatedBytes"] = 5 * GIB
+        api.put("storagepools", pool)
+        _, pools_after = vms._candidates("z1")
+        changed = [p.name for p, q in zip(pools_after, pools) if p is not q]
+        assert changed == ["h3-local"] and pools_after[2].allocated_bytes == 5 * GIB
+        rebuilt = vms._inventory("z1")
+        assert rebuilt is not inventory and any(p.allocated_bytes == 5 * GIB for p in rebuilt.pools_by_host["h3"])
+        await runtime.stop()
+
+    asyncio.run(scenario())
