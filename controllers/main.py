@@ -62,7 +62,8 @@ def register(registry: kopf.OperatorRegistry, options: argparse.Namespace,
             prefix=GROUP, key="last-handled-configuration")
         settings.posting.level = logging.WARNING
         runtime = Runtime(KubeApi(load_client(options.kubeconfig, pool_size=options.workers + 8),
-                                  threads=options.workers + 4), kinds.ALL, reconcilers.ALL, workers=options.workers)
+                                  threads=options.workers + 4), kinds.ALL, reconcilers.ALL, workers=options.workers,
+                          coalesce_seconds=options.rollup_delay)
         runtime.reconcilers["hosts"].alert_after_seconds = options.host_alert_after
         runtime.reconcilers["volumes"].policy_clock = snapshotpolicy.ScaledClock(options.snapshot_policy_time_scale)
         runtime.reconcilers["hosts"].down_after_seconds = options.host_down_after
@@ -146,6 +147,9 @@ def parse_args(argv: t.Sequence[str] | None) -> argparse.Namespace:
                         help="kubeconfig to use (default: $KUBECONFIG, else in-cluster)")
     parser.add_argument("--workers", type=int, default=16,
                         help="concurrent reconciles (they mostly wait for the apiserver; see benchmarks/burst.py)")
+    parser.add_argument("--rollup-delay", type=float, default=1.0,
+                        help="seconds a rollup (capacity of hosts, pools, clusters, pods and zones; offerings' user "
+                        "counts) waits for more changes before it is written: one write for a burst of guests")
     parser.add_argument("--host-alert-after", type=float, default=300.0,
                         help="seconds a Disconnected host waits before it goes to Alert")
     parser.add_argument("--host-down-after", type=float, default=90.0,

@@ -337,6 +337,9 @@ class Reconciler(abc.ABC):
     """One per kind; see ``watch_map`` for how other kinds' changes reach it."""
 
     kind: Kind
+    coalesced: t.ClassVar[frozenset[str]] = frozenset()
+    """Kinds whose changes reach this reconciler at most once per ``Runtime.coalesce_seconds``: rollups (a Host's
+    allocated capacity, an offering's user count) that would otherwise be rewritten on every guest's step."""
 
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
@@ -375,8 +378,9 @@ class Runtime:
     """Ties the store, the queue, the API and the reconcilers together."""
 
     def __init__(self, api: t.Any, kinds: t.Iterable[Kind], reconcilers: t.Iterable[type[Reconciler]],
-                 workers: int = 4, events: t.Any = None):
+                 workers: int = 4, events: t.Any = None, coalesce_seconds: float = 0.0):
         self.api = api
+        self.coalesce_seconds = coalesce_seconds
         self.events = events
         self.store = Store(kinds)
         self.queue = WorkQueue()
@@ -461,8 +465,9 @@ class Runtime:
             for version in (old, new):
                 if version is not None:
                     keys.update(mapper(version))
+            delay = self.coalesce_seconds if plural in reconciler.coalesced else 0.0
             for key in keys:
-                self.queue.add(key)
+                self.queue.add_after(key, delay)
 
     def relisted(self, plural: str, present: t.Collection[Key]) -> int:
         """A listing of ``plural`` ended with the keys in ``present``: drop (as if a DELETED event came) whatever

@@ -9,6 +9,7 @@ from controllers.reconcilers.base import Dependents, InventoryReconciler
 
 
 class ClusterReconciler(InventoryReconciler):
+    coalesced = frozenset({"hosts", "storagepools"})
     kind = kinds.CLUSTERS
     dependents = (Dependents("hosts", ".spec.cluster"), Dependents("storagepools", ".spec.cluster"))
 

@@ -35,6 +35,7 @@ from controllers.runtime import Result
 
 
 class HostReconciler(InventoryReconciler):
+    coalesced = frozenset({"virtualmachines", "storagepools"})
     kind = kinds.HOSTS
     dependents = (
         Dependents("storagepools", ".spec.host"),

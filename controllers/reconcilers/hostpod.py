@@ -8,6 +8,7 @@ from controllers.reconcilers.base import Dependents, InventoryReconciler
 
 
 class HostPodReconciler(InventoryReconciler):
+    coalesced = frozenset({"clusters"})
     kind = kinds.HOSTPODS
     dependents = (Dependents("clusters", ".spec.pod"),)
 

@@ -13,6 +13,7 @@ from controllers.reconcilers.base import Dependents, InventoryReconciler
 
 class OfferingReconciler(InventoryReconciler):
     """An offering is Ready while enabled; its users (its only dependents) are counted in ``users_field``."""
+    coalesced = frozenset({"virtualmachines", "volumes", "networks"})
 
     status_class: t.ClassVar[type]
     users_field: t.ClassVar[str]

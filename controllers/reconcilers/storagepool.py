@@ -9,6 +9,7 @@ from controllers.reconcilers.base import Dependents, InventoryReconciler
 
 
 class StoragePoolReconciler(InventoryReconciler):
+    coalesced = frozenset({"volumes", "hosts"})
     kind = kinds.STORAGEPOOLS
     dependents = (Dependents("volumes", ".status.storagePool"),)
 

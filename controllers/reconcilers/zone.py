@@ -9,6 +9,7 @@ from controllers.reconcilers.base import Dependents, InventoryReconciler
 
 
 class ZoneReconciler(InventoryReconciler):
+    coalesced = frozenset({"virtualmachines", "volumes", "hosts", "storagepools", "hostpods", "networks", "templates"})
     kind = kinds.ZONES
     dependents = (
         Dependents("hostpods", ".spec.zone"),

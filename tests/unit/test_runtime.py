@@ -161,3 +161,43 @@ def test_store_index_answers_stay_sorted_and_current_and_empty_values_go():
     assert names("z2") == [] and store.count("pods", "zone", "z2") == 0
     assert "z2" not in store._indexes["pods", "zone"]  # no empty set left behind
     assert store.count("pods", "zone", None) == 0 and store.by("pods", "zone", None) == []
+
+
+def test_changes_of_coalesced_kinds_reach_a_rollup_once_per_window_and_its_own_changes_at_once():
+    """A Host-like rollup follows its guests' changes: a burst of them is one reconcile (one status write) after
+    ``coalesce_seconds``; a change of the rollup's own object is reconciled at once."""
+    from controllers.runtime import Reconciler, Result, Runtime
+
+    hosts, guests = Kind("hosts", "g", "v", False, Named), Kind("guests", "g", "v", True, Named)
+    seen: list[tuple[str, float]] = []
+
+    class HostRollup(Reconciler):
+        kind = hosts
+        coalesced = frozenset({"guests"})
+
+        def watch_map(self):
+            return {"guests": lambda guest: [self.key("h1")]}
+
+        async def reconcile(self, obj):
+            seen.append((obj.metadata.name, asyncio.get_running_loop().time()))
+            return Result()
+
+    async def scenario():
+        runtime = Runtime(None, [hosts, guests], [HostRollup], workers=1, coalesce_seconds=0.3)
+        runtime.loaded = True
+        await runtime.start()
+        runtime.observe("hosts", "ADDED", raw("h1", "z", "1"))
+        await asyncio.sleep(0.05)
+        assert len(seen) == 1  # its own change: at once
+        started = asyncio.get_running_loop().time()
+        for version in range(2, 12):  # ten guest changes within 0.1 s
+            runtime.observe("guests", "MODIFIED", {**raw("g1", "z", str(version)), "metadata": {
+                "name": "g1", "namespace": "t", "resourceVersion": str(version)}})
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert len(seen) == 1  # waiting for more
+        await asyncio.sleep(0.4)
+        assert len(seen) == 2 and seen[1][1] - started >= 0.29
+        await runtime.stop()
+
+    asyncio.run(scenario())
