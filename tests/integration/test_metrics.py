@@ -98,6 +98,9 @@ def test_controller_and_agent_metrics_reflect_a_simulated_cloud(cloud: Cloud, ku
             ("VirtualMachine", "virtualmachines"), ("Host", "hosts"), ("Zone", "zones")))
 
     wait_for(matches, timeout=20, what="objects per phase as the API has them")
+    # Hosts' capacity is a rollup written at most once per --rollup-delay (1 s) after their guests change.
+    wait_for(lambda: total(scrape(controller.metrics_port), "cumulo_host_cpu_allocated_cores", zone=zone) == 3,
+             timeout=20, what="the hosts' allocated capacity")
     after = scrape(controller.metrics_port)
     assert total(after, "cumulo_objects", kind="VirtualMachine", phase="Running") >= 3
     assert total(after, "cumulo_hosts", zone=zone, cluster=cluster, state="Up", resource_state="Enabled") == 2

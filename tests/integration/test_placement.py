@@ -130,7 +130,7 @@ def test_destroy_recover_destroy_expunge(sim_zone, cloud):
     wait_for(lambda: running(sim_zone, "d1"), what="d1 Running")
     host = host_of(sim_zone, "d1")
     allocated = lambda: cloud.get("hosts", host)["status"]["capacity"]["cpuCores"]["allocated"]  # noqa: E731
-    assert allocated() >= 1
+    wait_for(lambda: allocated() >= 1, what="d1's capacity in its host's rollup (written within --rollup-delay)")
     before = allocated()
     tenant.patch("virtualmachines", "d1", {"state": "Destroyed"})
     wait_for(lambda: tenant.status("virtualmachines", "d1").get("phase") == "Destroyed", what="Destroyed")
