@@ -2,10 +2,11 @@
 
 Running: check references → placement (planner + ledger) → root volume created on the planner's pool →
 placement and launch description (the root disk's target included) recorded in one status write before
-any agent acts → the host's agent creates the root disk, starts the domain and reports it. Stopped: the launch says Stopped, the agent shuts the domain down, then the
-placement and its reserved capacity are released (a local root disk keeps the guest's next start on
-the same host). Destroyed: stopped and kept, recoverable, until the expunge delay passes; then, as
-when the object is deleted, its root disk is deleted and the object goes.
+any agent acts → the host's agent creates the root disk, starts the domain and reports it. Stopped: the
+launch says Stopped, the agent shuts the domain down, then the placement and its reserved capacity are
+released (a local root disk keeps the guest's next start on the same host). Destroyed: stopped and kept,
+recoverable, until the expunge delay passes; then, as when the object is deleted, its root disk is deleted
+and the object goes.
 """
 
 from __future__ import annotations
