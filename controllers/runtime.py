@@ -104,33 +104,25 @@ class Compactor:
         while stack:
             item = stack.pop()
             if isinstance(item, pydantic.BaseModel):
-                fields = item.__pydantic_fields_set__
-                frozen = frozenset(fields)
+                frozen = frozenset(item.__pydantic_fields_set__)
                 shared = sets.get(frozen)
                 if shared is None:
                     shared = sets[frozen] = set(frozen)
                 object.__setattr__(item, "__pydantic_fields_set__", shared)
-                values = item.__dict__
-                for name, value in values.items():
-                    if type(value) is str:
-                        if len(value) <= INTERN_MAX:
-                            values[name] = sys.intern(value)
-                    elif isinstance(value, (pydantic.BaseModel, list, dict)):
-                        stack.append(value)
+                entries: t.Any = item.__dict__
+                pairs: t.Iterable[tuple[t.Any, t.Any]] = entries.items()
             elif isinstance(item, list):
-                for index, value in enumerate(item):
-                    if type(value) is str:
-                        if len(value) <= INTERN_MAX:
-                            item[index] = sys.intern(value)
-                    elif isinstance(value, (pydantic.BaseModel, list, dict)):
-                        stack.append(value)
+                entries, pairs = item, enumerate(item)
             elif isinstance(item, dict):
-                for name, value in item.items():
-                    if type(value) is str:
-                        if len(value) <= INTERN_MAX:
-                            item[name] = sys.intern(value)
-                    elif isinstance(value, (pydantic.BaseModel, list, dict)):
-                        stack.append(value)
+                entries, pairs = item, item.items()
+            else:
+                continue  # not a model (a test's plain object)
+            for key, value in pairs:  # rewriting existing keys while iterating is safe: the size never changes
+                if type(value) is str:
+                    if len(value) <= INTERN_MAX:
+                        entries[key] = sys.intern(value)
+                elif isinstance(value, (pydantic.BaseModel, list, dict)):
+                    stack.append(value)
         return obj
 
 
