@@ -72,6 +72,9 @@ def test_libvirt_and_simulator_hosts_go_up_with_real_capacity_rolled_up(cloud, a
     expected_cpu = cores * 2 + 16
     wait_for(lambda: ((status(cloud, "zones", zone).get("capacity") or {}).get("cpuCores") or {})
              .get("total") == expected_cpu, what="zone CPU roll-up", timeout=20)
+    # Rollups chain (pool -> cluster -> pod), each written within --rollup-delay of the change below it.
+    wait_for(lambda: status(cloud, "hostpods", pod)["capacity"]["primaryStorageGiB"]["total"] ==
+             pool_status["capacityBytes"] // 2**30, what="pod storage roll-up", timeout=20)
     pod_capacity = status(cloud, "hostpods", pod)["capacity"]
     assert pod_capacity["cpuCores"]["total"] == expected_cpu
     assert pod_capacity["memoryMiB"]["total"] == memory + 65536
