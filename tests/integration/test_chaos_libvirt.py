@@ -36,7 +36,15 @@ def run_ids(uri: str) -> dict[str, int]:
 
     connection = libvirt.open(uri)
     try:
-        return {domain.UUIDString(): domain.ID() for domain in connection.listAllDomains() if domain.isActive()}
+        ids = {}
+        # The listing is a snapshot; a domain undefined while it is read (the deletes) is not an error.
+        for domain in connection.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            try:
+                ids[domain.UUIDString()] = domain.ID()
+            except libvirt.libvirtError as error:
+                if error.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+        return ids
     finally:
         connection.close()
 
