@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import typing as t
 
+from kubernetes import client
+
 from controllers.runtime import LISTED, Kind, Key, key_of, slim
 from kubewatch.client import JsonClient
 from kubewatch.listwatch import PAGE_SIZE, ListWatch
@@ -31,7 +33,7 @@ def collection_path(kind: Kind) -> str:
     return f"/apis/{kind.group}/{kind.version}/{kind.plural}" if kind.group else f"/api/v1/{kind.plural}"
 
 
-class KindLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+class KindLog(logging.LoggerAdapter):
     """The shared loop names the kind in ``extra``, which the controller's text log does not show: say it in the
     message too."""
 
@@ -44,7 +46,7 @@ class KindLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 class Informer(ListWatch):
     """List+watch of one kind in a thread; events reach ``sink`` on the event loop, in order."""
 
-    def __init__(self, api_client: t.Any, kind: Kind, sink: Sink, *, page_size: int = PAGE_SIZE) -> None:
+    def __init__(self, api_client: client.ApiClient, kind: Kind, sink: Sink, *, page_size: int = PAGE_SIZE) -> None:
         super().__init__(JsonClient(api_client), kind.plural, collection_path(kind),
                          {"labelSelector": kind.selector} if kind.selector else {}, page_size=page_size,
                          logger=KindLog(log, {}))

@@ -31,7 +31,7 @@ from kubernetes import config as k8s_config
 from kubernetes.config.config_exception import ConfigException
 
 from kubewatch.client import JsonClient, KubeError
-from kubewatch.listwatch import Backoff, Expired, ListWatch
+from kubewatch.listwatch import PAGE_SIZE, Backoff, Expired, ListWatch
 
 __all__ = ["ApiHealth", "AsyncKube", "Backoff", "Expired", "Informer", "Kube", "KubeError", "MERGE_PATCH",
            "load_configuration", "resource_path"]
@@ -149,7 +149,7 @@ class Informer(ListWatch):
 
     def __init__(self, kube: Kube, kind: str, path: str, on_event: EventHandler, *,
                  field_selector: str | None = None, label_selector: str | None = None,
-                 health: ApiHealth | None = None, page_size: int = 500, namespaced: bool = False) -> None:
+                 health: ApiHealth | None = None, page_size: int = PAGE_SIZE, namespaced: bool = False) -> None:
         query: dict[str, str] = {}
         if field_selector:
             query["fieldSelector"] = field_selector

@@ -13,6 +13,7 @@ import typing as t
 from collections.abc import Callable, Iterator, Mapping
 
 import urllib3
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
@@ -50,7 +51,7 @@ class JsonClient:
     """Blocking JSON requests; thread-safe (urllib3 connection pool). Also the list+watch loop's transport
     (:class:`kubewatch.listwatch.Transport`)."""
 
-    def __init__(self, api: t.Any) -> None:
+    def __init__(self, api: client.ApiClient) -> None:
         self.api = api
         self.server = getattr(getattr(api, "configuration", None), "host", "")
 
