@@ -11,7 +11,7 @@ to look, so a controller that was down for a while still meters correctly:
   restart, never counts twice, and a run that went on through a controller outage is counted whole.
   The end of a run is the time the controller saw the domain stopped (an agent-recorded stop time
   would make it exact; a guest that stops while the controller is down is counted up to the last
-  time its record was written, at most a checkpoint interval short).
+  time its record was written, at most a checkpoint interval (an hour) short).
 """
 
 from __future__ import annotations

@@ -84,6 +84,10 @@ def _spec_changed(old: dict[str, t.Any] | None, new: dict[str, t.Any] | None) ->
         old["metadata"].get("deletionTimestamp") != new["metadata"].get("deletionTimestamp")
 
 
+REFUSED_REPORT_RETRY_SECONDS = 60.0
+"""A status.node patch the apiserver refused (RBAC, schema) is tried again after this, unless it changed."""
+
+
 class HostWorker:
     """Heartbeat and status.node reports of one host."""
 
@@ -328,8 +332,8 @@ class HostWorker:
             if error.status == 404:
                 self.reported = None  # the Host went away; the watch says so too
             elif not error.unavailable:  # an outage or overload just retries next round
-                # Refused (RBAC, schema): say so once, and retry at the refresh period, not every round.
-                self._retry_after = time.monotonic() + self.agent.config.report_refresh
+                # Refused (RBAC, schema): say so once, and retry a minute later, not every round.
+                self._retry_after = time.monotonic() + REFUSED_REPORT_RETRY_SECONDS
                 self._refused = node
                 self._transition("report", f"error-{error.status}", logging.ERROR, "status.node patch refused",
                                  status=error.status, error=error.message)

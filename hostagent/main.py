@@ -67,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
                    "written for this long; keep it below the controller's --host-down-after minus the intervals")
     p.add_argument("--check-interval", type=float,
                    help="seconds between host checks (facts, storage, bridges); default: the heartbeat interval")
-    p.add_argument("--report-refresh", type=float, default=60.0,
+    p.add_argument("--report-refresh", type=float, default=300.0,
                    help="re-send an unchanged status.node after this many seconds (refreshes reportedAt)")
     p.add_argument("--call-timeout", type=float, default=30.0, help="deadline of one hypervisor call, in seconds")
     p.add_argument("--private-ip", default=os.environ.get("CUMULO_PRIVATE_IP"),

@@ -242,6 +242,23 @@ def wants_running(launch: LaunchSpec) -> bool:
     return launch.power_state == DesiredState.RUNNING
 
 
+def out_of_step(vm: Mapping[str, t.Any], domain: Domain | None, report: Mapping[str, t.Any] | None) -> bool:
+    """Whether a guest placed here needs a reconcile, judged from one listing of the host's domains: its domain
+    is not in the state (or does not have the disks) its last report says, or not running when its launch wants
+    it running, or running when it wants it stopped. A guest being live-migrated is the migration's to judge."""
+    if migrating(vm):
+        return False
+    launch = (vm.get("status") or {}).get("launch") or {}
+    report = report or {}
+    active = domain is not None and domain.active
+    if active != (launch.get("powerState") == DesiredState.RUNNING):
+        return True
+    state = domain.state if domain is not None else DomainState.SHUTOFF
+    disks = sorted(disk.volume for disk in domain.disks if disk.volume) if domain is not None else []
+    return report.get("host") != launch.get("host") or report.get("domainState") != state or \
+        (report.get("disks") or []) != disks
+
+
 def domain_report(host: str, domain: Domain | None, *, console_log: str | None, message: str) -> dict[str, t.Any]:
     """``status.node`` (the DomainInfo model's JSON) for a VirtualMachine placed on ``host``."""
     report: dict[str, t.Any] = {

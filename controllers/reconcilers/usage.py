@@ -4,9 +4,11 @@ IP addresses, and exports their totals as Prometheus metrics.
 It is registered as the reconciler of UsageRecords (so the runtime primes and watches them), but its
 work is driven by the metered kinds: a watch event that ends something (a run, the object) or changes
 an amount marks the resource dirty (with the time the change was seen, the end of a run), a loop
-meters the dirty ones every second, and every ``checkpoint_seconds`` it meters everything still
-running or allocated, so open records stay current and a controller crash loses at most that much
-of a run that ends while it is down. Creations and run starts wait for the checkpoint: the objects
+meters the dirty ones every second, and every ``checkpoint_seconds`` (an hour, the records' period) it
+meters everything still running or allocated, so open records close and a run that ends while no
+controller runs is lost for at most that long (a standby replica takes over in seconds). Every 5
+minutes (before) was one write per guest and per volume each time: 67 writes a second with 10,000
+guests and their root disks, as many as 700 hosts' Leases. Creations and run starts wait for the checkpoint: the objects
 keep their timestamps, so nothing is lost, and a burst of guests does not cost two record writes each
 (benchmarks/api_writes.py); events that change nothing metering reads cost nothing.
 """
@@ -28,7 +30,7 @@ METERED = {"virtualmachines": "VirtualMachine", "volumes": "Volume", "publicipad
 
 class UsageReconciler(Reconciler):
     kind = kinds.USAGERECORDS
-    checkpoint_seconds = 300.0
+    checkpoint_seconds = 3600.0
     tick_seconds = 1.0
 
     def setup(self) -> None:

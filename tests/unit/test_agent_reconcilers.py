@@ -351,6 +351,40 @@ def test_sweep_destroys_only_confirmed_orphans(tmp_path):
     asyncio.run(main())
 
 
+def test_the_state_check_queues_only_guests_whose_domain_is_out_of_step(tmp_path):
+    """Between full resyncs, one listing of the host's domains decides which guests need a reconcile: one that
+    powered itself off or lost a disk is queued, guests in step are not, and later sweeps no longer queue every
+    running guest."""
+    async def main() -> None:
+        agent = make_agent(tmp_path)
+        hypervisor = agent.workers["h1"].hypervisor
+        reconciler = agent.vms
+        guests = {}
+        for index in range(3):
+            vm = vm_object(uid=f"u-{index}", disks=[data_disk(f"data-{index}")])
+            vm["metadata"]["name"] = f"web{index}"
+            key = f"ns/web{index}"
+            reconciler.informer.cache[key] = vm
+            await reconciler.reconcile(key, vm)
+            for patch in agent.api.patches()[-1:]:
+                apply_status(vm, patch)
+            guests[key] = vm
+        await reconciler.sweep()  # the first sweep adopts every running guest
+        assert len(reconciler.queue) == 3
+        reconciler.queue = type(reconciler.queue)("VirtualMachine", reconciler._handle)
+        reconciler.swept.set()  # as the sweep loop does after the first sweep
+        await reconciler.check_states()
+        assert len(reconciler.queue) == 0  # all in step: nothing to do
+        await reconciler.sweep()
+        assert len(reconciler.queue) == 0
+        await hypervisor.destroy("u-1")  # powered itself off
+        await hypervisor.detach_disk("u-2", DiskDevice(volume="data-2", path="/p/data-2.qcow2", target="vdb"))  # lost a disk behind the agent's back
+        await reconciler.check_states()
+        assert sorted(key for key in guests if key in reconciler.queue) == ["ns/web1", "ns/web2"]
+
+    asyncio.run(main())
+
+
 def test_a_start_waits_silently_for_the_root_disk_this_agent_is_creating(tmp_path):
     """The controller writes the launch with the placement; the domain starts once this agent's volume worker
     has created the disk, and nothing is reported meanwhile (no failure, no extra write)."""

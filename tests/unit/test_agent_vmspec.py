@@ -143,3 +143,28 @@ def test_nic_devices_from_launch_nics() -> None:
     assert len(nic_port("f" * 36, 15)) <= 15
     marked = nic_devices(uid, [nics[0].model_copy(update={"default": True}), nics[1]])
     assert [d.default for d in marked] == [False, True]
+
+
+def test_a_guest_is_out_of_step_when_its_domain_differs_from_its_report_or_its_launch():
+    from hostagent.drivers.hypervisor import DiskDevice, Domain
+    from hostagent.vmspec import out_of_step
+
+    def vm(power: str = "Running", migrating: bool = False) -> dict:
+        status = {"launch": {"host": "h1", "powerState": power}}
+        if migrating:
+            status["migration"] = {"migrating": True}
+        return {"metadata": {"uid": "u1"}, "status": status}
+
+    root = DiskDevice(volume="web-root", path="/p/root", target="vda")
+    running = Domain(uuid="u1", name="d", state="running", disks=(root,))
+    report = {"host": "h1", "domainState": "running", "disks": ["web-root"]}
+    assert not out_of_step(vm(), running, report)
+    assert out_of_step(vm(), None, report)  # gone: wants running
+    assert out_of_step(vm(), Domain(uuid="u1", name="d", state="crashed"), {**report, "domainState": "crashed"})
+    assert out_of_step(vm(), running, {**report, "domainState": "paused"})  # the report says otherwise
+    assert out_of_step(vm(), running, {**report, "disks": ["web-root", "data"]})  # a disk went
+    assert out_of_step(vm(), running, {**report, "host": "h2"})
+    assert out_of_step(vm(), running, None)  # never reported
+    assert out_of_step(vm("Stopped"), running, report)  # should be stopped
+    assert not out_of_step(vm("Stopped"), None, {"host": "h1", "domainState": "shutoff", "disks": []})
+    assert not out_of_step(vm(migrating=True), None, report)  # the migration's to judge
