@@ -701,11 +701,11 @@ class VirtualMachineReconciler(InventoryReconciler):
         if status.placement is None:
             self.ledger.release(vm_key(vm))
             self._decided.pop(vm_key(vm), None)
+        # A guest prepare gave none (not placed: no host for it yet) gets its root Volume here.
+        if await self._ensure_root_volume(vm, status.placement) is not None:
+            return
         root, _ = self._volumes(vm)
-        if vm.spec.state == DesiredState.RUNNING and root is None and self._quota(vm).ok and self.store.get(
-                "volumes", root_volume_name(vm), vm.metadata.namespace) is None:
-            await api.create(kinds.VOLUMES, self._root_volume(vm, status.placement))
-        elif root is not None and not root.spec.storage_pool and status.placement and status.placement.storage_pool:
+        if root is not None and not root.spec.storage_pool and status.placement and status.placement.storage_pool:
             await api.patch(kinds.VOLUMES, root.metadata.name, root.metadata.namespace,
                             {"spec": {"storagePool": status.placement.storage_pool}})
 
@@ -716,15 +716,23 @@ class VirtualMachineReconciler(InventoryReconciler):
         disk and starts the domain without waiting for two more controller writes. A crash in between leaves a
         root Volume naming the planner's pool; the next placement keeps to that pool (``_place``)."""
         placement = status.placement
-        if ctx.deleting or vm.spec.state != DesiredState.RUNNING or placement is None or not placement.host or \
-                not placement.storage_pool or vm.status.placement is not None or self._volumes(vm)[0] is not None \
-                or self.store.get("volumes", root_volume_name(vm), vm.metadata.namespace) is not None:
-            return status
-        created = await self.runtime.api.create(kinds.VOLUMES, self._root_volume(vm, placement))
+        if placement is None or not placement.host or not placement.storage_pool or vm.status.placement is not None:
+            return status  # not placed just now: act creates the root Volume if the guest still has none
+        created = await self._ensure_root_volume(vm, placement)
         if created is None:
-            return status  # it existed already; its watch event brings it
+            return status  # nothing to create, or it existed already (its watch event brings it)
         self.runtime.observe("volumes", "ADDED", created)
         return self.derive(vm, ctx)
+
+    async def _ensure_root_volume(self, vm: VirtualMachine, placement: Placement | None) -> dict | None:
+        """The one rule for creating a guest's root Volume (from ``prepare`` for a guest placed just now, from
+        ``act`` otherwise): the guest should run, its quota admits it and it has no root Volume yet. The created
+        object, or None when nothing was created."""
+        if deleting(vm) or vm.spec.state != DesiredState.RUNNING or self._volumes(vm)[0] is not None or \
+                self.store.get("volumes", root_volume_name(vm), vm.metadata.namespace) is not None or \
+                not self._quota(vm).ok:
+            return None
+        return await self.runtime.api.create(kinds.VOLUMES, self._root_volume(vm, placement))
 
     def _root_volume(self, vm: VirtualMachine, placement: Placement | None = None) -> dict:
         """The root Volume, created as its reconciler would leave it after its first steps when the guest is
