@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import operator
 import typing as t
 
@@ -444,15 +445,18 @@ class VirtualMachineReconciler(InventoryReconciler):
                                              f"placed on host {status.placement.host}")
         node = vm.status.node
         running_here = node is not None and node.domain_state == "running" and node.host == status.placement.host
+        # Where a root disk still being created goes: asked of the volume reconciler at most once per derive,
+        # though both the storage check and the launch need it.
+        root_target = functools.cache(lambda: self._root_target(root))
         # A running guest only needs its root disk; a data disk being created or grown does not stop it.
-        storage = self._storage_check(root, [] if running_here else data, status.placement.host)
+        storage = self._storage_check(root, [] if running_here else data, status.placement.host, root_target)
         checks[STORAGE_READY] = storage
         network = self._network_check(vm, status)
         checks[NETWORK_READY] = network
         # A running guest keeps running while its network re-implements (a router moving hosts).
         if not storage.ok or (not network.ok and not running_here):
             return first_failure(storage, network), VmPhase.STARTING
-        status.launch = self._launch(vm, offering, template, root, data, status.placement.host, status)
+        status.launch = self._launch(vm, offering, template, root, data, status.placement.host, status, root_target)
         if running_here:
             return Check.passed("Running", f"running on host {status.placement.host}"), VmPhase.RUNNING
         if node is not None and node.message:
@@ -460,7 +464,7 @@ class VirtualMachineReconciler(InventoryReconciler):
         return Check.failed("Starting", f"the agent of {status.placement.host} is starting the guest"), \
             VmPhase.STARTING
 
-    def _storage_check(self, root, data, host: str) -> Check:
+    def _storage_check(self, root, data, host: str, root_target: t.Callable[[], t.Any]) -> Check:
         """StorageReady: every disk is on a pool the host reaches and none has failed. A root disk the agent is
         still creating passes once its target is known (the launch carries it; the agent creates the disk before
         the domain starts), so the guest's status does not change again when the disk appears."""
@@ -469,7 +473,7 @@ class VirtualMachineReconciler(InventoryReconciler):
         for volume in [root, *data]:
             ready = find(volume.status.conditions, "Ready")
             if volume is root and (ready is None or (ready.status.value != "True" and ready.reason in VOLUME_PROGRESS)):
-                if self._root_target(root) is None:
+                if root_target() is None:
                     return Check.failed("CreatingRootVolume", "creating the root volume")
                 continue
             if ready is None or ready.status.value != "True":
@@ -645,7 +649,8 @@ class VirtualMachineReconciler(InventoryReconciler):
                     offering, NetworkService.SECURITY_GROUP) else None))
         return nics
 
-    def _launch(self, vm, offering, template, root, data, host: str, status: VirtualMachineStatus) -> LaunchSpec:
+    def _launch(self, vm, offering, template, root, data, host: str, status: VirtualMachineStatus,
+                root_target: t.Callable[[], t.Any]) -> LaunchSpec:
         attached = set(vm.status.node.disks) if vm.status.node else set()
         previous = {d.volume: d.device for d in vm.status.launch.disks} if vm.status.launch else {}
 
@@ -661,7 +666,7 @@ class VirtualMachineReconciler(InventoryReconciler):
         disks = []
         for volume in chosen:
             device = "vda" if volume is root else previous.get(volume.metadata.name) or next(free)
-            target = volume.status if volume.status.path or volume is not root else self._root_target(root)
+            target = volume.status if volume.status.path or volume is not root else root_target()
             pool = self.store.get("storagepools", target.storage_pool)
             rbd = target.rbd
             disks.append(LaunchDisk(
