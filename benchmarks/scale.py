@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.api_writes import write_counts  # noqa: E402
 from benchmarks.common import record  # noqa: E402
 from benchmarks.simcloud import RunningWatch, SimCloud, create_guests, peak_rss_mib, percentile  # noqa: E402
 from cumulo import toolchain  # noqa: E402
@@ -37,6 +38,20 @@ def kubectl_get_all(cloud: SimCloud, repeat: int) -> list[float]:
         if result.returncode != 0:
             raise RuntimeError(f"kubectl get vm -A failed: {result.stderr}")
     return times
+
+
+def background(cloud: SimCloud, seconds: float) -> tuple[dict[str, float], dict[tuple[str, str], float]]:
+    """What the idle hosts cost before any guest exists: cores per process (agents summed) and writes per second
+    by (verb, resource), over ``seconds``."""
+    cpu, writes = cloud.cpu(), write_counts(cloud.apiserver_metrics())
+    time.sleep(seconds)
+    cpu_after, writes_after = cloud.cpu(), write_counts(cloud.apiserver_metrics())
+    cores: dict[str, float] = {}
+    for name, value in cpu_after.items():
+        group = "agents" if name.startswith("agent") else name
+        cores[group] = cores.get(group, 0.0) + (value - cpu[name]) / seconds
+    return cores, {key: (writes_after[key] - writes[key]) / seconds for key in writes_after
+                   if writes_after[key] > writes[key]}
 
 
 def wait_reporting(watcher: RunningWatch, names: list[str], first: float, timeout: float) -> tuple[int, float | None]:
@@ -67,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vms", type=int, default=10000)
     parser.add_argument("--hosts-per-agent", type=int, default=100)
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--idle", type=float, default=30, help="seconds of the idle hosts' background measured first")
     parser.add_argument("--controller-arg", action="append", default=[])
     parser.add_argument("--agent-arg", action="append", default=[])
     parser.add_argument("--no-write", action="store_true", help="print, do not append to BENCHMARKS.md")
@@ -76,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     with SimCloud(hosts=args.hosts, cpus_per_host=-(-args.vms // args.hosts) + 1, hosts_per_agent=args.hosts_per_agent,
                   controller_args=args.controller_arg, agent_args=args.agent_arg) as cloud:
         ready = time.monotonic() - started
+        idle_cores, idle_writes = background(cloud, args.idle)
         before = cloud.cpu()
         with RunningWatch(cloud) as watcher:
             first = time.monotonic()
@@ -101,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         f"(total {sum(agent_rss):.0f} MiB)",
         f"`kubectl get vm -A` with {args.vms:,} guests: median {statistics.median(listing):.2f} s "
         f"(runs: {', '.join(f'{t:.2f}' for t in listing)})",
+        f"background of the idle hosts before any guest ({args.idle:.0f} s): cores "
+        + ", ".join(f"{name} {value:.2f}" for name, value in idle_cores.items())
+        + "; writes/s " + ", ".join(f"{verb} {resource} {rate:.1f}" for (verb, resource), rate in
+                                    sorted(idle_writes.items(), key=lambda item: -item[1])[:3]),
         f"CPU seconds while starting them: controller {cpu['controller']:.0f}, agents {agent_cpu:.0f}, "
         f"kube-apiserver {cpu['kube-apiserver']:.0f}, etcd {cpu['etcd']:.0f}; set-up (control plane, hosts Up) "
         f"{ready:.0f} s; machine shared with other engineers' test runs",

@@ -657,11 +657,11 @@ class VmReconciler(ObjectReconciler):
                 continue
             next_full = time.monotonic() + self.full_resync_seconds * random.uniform(0.9, 1.1)
             for key in list(self.informer.cache):
-                if key not in self.queue:  # one waiting out a backoff is not brought forward
-                    self.queue.add(key, random.uniform(0, min(self.resync_seconds / 2, 5.0)))
+                self.queue.add(key, random.uniform(0, min(self.resync_seconds / 2, 5.0)))
 
     async def check_states(self) -> None:
-        """Queue the guests placed on this agent's hosts whose domains are out of step (:func:`vmspec.out_of_step`)."""
+        """Queue the guests placed on this agent's hosts whose domains are out of step (:func:`vmspec.out_of_step`).
+        One waiting out a backoff (a failing start) is brought forward: a failure is retried at least this often."""
         domains: dict[str, Domain] = {}
         listed: set[str] = set()
         for host, hypervisor in self._hypervisors():
@@ -674,7 +674,7 @@ class VmReconciler(ObjectReconciler):
             domains.update((domain.uuid, domain) for domain in found)
         for key, vm in list(self.informer.cache.items()):
             host = vmspec.placed_host(vm)
-            if host not in listed or host not in self.hosts or key in self.queue:
+            if host not in listed or host not in self.hosts:
                 continue
             if vmspec.out_of_step(vm, domains.get(str(vm["metadata"]["uid"])), self.last_report(key, vm)):
                 self.queue.add(key)

@@ -48,10 +48,6 @@ class WorkQueue:
     def __len__(self) -> int:
         return len(self._due)
 
-    def __contains__(self, key: str) -> bool:
-        """Whether ``key`` waits to run (due now, later, or after its current run)."""
-        return key in self._due or key in self._dirty
-
     def add(self, key: str, delay: float = 0.0) -> None:
         """Run ``key`` in ``delay`` seconds (or sooner, if it is already due sooner)."""
         due = time.monotonic() + max(0.0, delay)

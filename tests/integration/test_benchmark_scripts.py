@@ -43,8 +43,9 @@ def test_api_writes_runs() -> None:
 
 
 def test_scale_runs() -> None:
-    out = run("scale.py", "--hosts", "4", "--vms", "8", "--hosts-per-agent", "2")
+    out = run("scale.py", "--hosts", "4", "--vms", "8", "--hosts-per-agent", "2", "--idle", "12")
     assert "8 guests on 4 simulated hosts (2 agent processes" in out and "kubectl get vm -A" in out
+    assert "background of the idle hosts" in out and "PATCH leases" in out  # a heartbeat every 10 s per host
 
 
 def test_ha_runs() -> None:

@@ -380,7 +380,7 @@ def test_the_state_check_queues_only_guests_whose_domain_is_out_of_step(tmp_path
         await hypervisor.destroy("u-1")  # powered itself off
         await hypervisor.detach_disk("u-2", DiskDevice(volume="data-2", path="/p/data-2.qcow2", target="vdb"))  # lost a disk behind the agent's back
         await reconciler.check_states()
-        assert sorted(key for key in guests if key in reconciler.queue) == ["ns/web1", "ns/web2"]
+        assert sorted(key for key in guests if key in reconciler.queue._due) == ["ns/web1", "ns/web2"]
 
     asyncio.run(main())
 
