@@ -12,12 +12,11 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from kubernetes import client
 
 pytest.register_assert_rewrite("conftest_libvirt", "conftest_ceph")
 from conftest_ceph import CephPool  # noqa: E402
 from conftest_libvirt import Cloud, unique, wait_for  # noqa: E402
-from test_rbd_guest import Objects, console_wait, line, wait_phase  # noqa: E402
+from libvirtcloud import Namespaced, console_wait, create_rbd_pool, line, wait_phase  # noqa: E402
 
 from cumulo import guestimage  # noqa: E402
 
@@ -40,14 +39,7 @@ def test_live_migration_of_a_guest_on_rbd(cloud: Cloud, kube, control_plane, age
     cloud.create("hostpods", pod, {"zone": zone, "cidr": "10.251.0.0/24", "gateway": "10.251.0.1",
                                    "startIp": "10.251.0.10", "endIp": "10.251.0.20"})
     cloud.create("clusters", cluster, {"pod": pod, "hypervisorType": "KVM", "cpuOvercommitRatio": 4.0})
-    secret = unique("ceph-key")
-    client.CoreV1Api(kube).create_namespaced_secret("cumulo-system", {"metadata": {"name": secret},
-                                                                      "stringData": {"key": ceph_pool.key}})
-    pool = unique("rbd")
-    cloud.create("storagepools", pool, {
-        "zone": zone, "scope": "Zone", "type": "RBD",
-        "rbd": {"monitors": [ceph_pool.monitor], "pool": ceph_pool.name, "user": ceph_pool.user,
-                "secretRef": {"namespace": "cumulo-system", "name": secret, "key": "key"}}})
+    pool, _secret = create_rbd_pool(cloud, kube, ceph_pool, zone)
     store = tmp_path / "store"
     store.mkdir()
     cloud.create("imagestores", unique("store"), {"zone": zone, "type": "Filesystem", "path": str(store)})
@@ -56,7 +48,7 @@ def test_live_migration_of_a_guest_on_rbd(cloud: Cloud, kube, control_plane, age
                                                 "storageType": "shared"})
     namespace = unique("tenant")
     control_plane.kubectl("create", "namespace", namespace)
-    objects = Objects(kube, namespace)
+    objects = Namespaced(kube, namespace)
     hosts, daemons = [], {}
     for index, address in enumerate(("127.0.0.2", "127.0.0.3")):
         host = f"{cluster}-h{index}"

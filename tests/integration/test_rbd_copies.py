@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import time
 
 import pytest
 
-pytest.register_assert_rewrite("conftest_ceph")
+pytest.register_assert_rewrite("conftest_ceph", "diskmarks")
 from conftest_ceph import CephPool  # noqa: E402
+from diskmarks import MIB, holds, write  # noqa: E402
 
 from hostagent.drivers.storage import DiskCopies  # noqa: E402
 from hostagent.drivers.storage.filesystem import FilesystemStorageDriver  # noqa: E402
@@ -25,30 +25,7 @@ from hostagent.drivers.storage.rbdcopies import RbdCopiesDriver, copy_across  # 
 
 pytest_plugins = ["conftest_ceph"]
 pytestmark = pytest.mark.timeout(300)
-MIB = 1024**2
-MARK = 64 * 1024
 A, B = 0xA1, 0xB2
-
-
-def qemu_io(fmt: str, location: str, command: str) -> str:
-    if shutil.which("qemu-io") is None:
-        pytest.skip(reason="qemu-io is not installed (Debian package qemu-utils)")
-    result = subprocess.run(["qemu-io", "-f", fmt, "-c", command, location], capture_output=True, text=True,
-                            timeout=120)
-    return result.stdout + result.stderr
-
-
-def write(fmt: str, location: str, pattern: int, offset: int = MIB) -> None:
-    output = qemu_io(fmt, location, f"write -P {pattern:#x} {offset} {MARK}")
-    assert "wrote" in output, output
-
-
-def holds(fmt: str, location: str, pattern: int, offset: int = MIB) -> bool:
-    output = qemu_io(fmt, location, f"read -P {pattern:#x} {offset} {MARK}")
-    if "Pattern verification failed" in output:
-        return False
-    assert "read" in output, output
-    return True
 
 
 def rbd_snaps(pool: CephPool, image: str) -> list[str]:

@@ -12,93 +12,28 @@ is refused with the reason.
 from __future__ import annotations
 
 import base64
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
 pytest.register_assert_rewrite("conftest_libvirt", "conftest_ceph")
 from conftest_ceph import CephPool  # noqa: E402
 from conftest_libvirt import Cloud, unique, wait_for  # noqa: E402
+from libvirtcloud import Namespaced, console_wait, create_rbd_pool, line, wait_phase  # noqa: E402
 
 from cumulo import guestimage  # noqa: E402
 
 pytest_plugins = ["conftest_libvirt", "conftest_ceph"]
 pytestmark = [pytest.mark.usefixtures("controller", "system_namespace"), pytest.mark.timeout(400)]
 
-GROUP, VERSION = "cumulo.io", "v1alpha1"
 GIB = 1024**3
-
-
-class Objects:
-    """Namespaced Cumulo objects of one namespace."""
-
-    def __init__(self, api: client.ApiClient, namespace: str) -> None:
-        self.custom = client.CustomObjectsApi(api)
-        self.namespace = namespace
-
-    def create(self, plural: str, kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": kind,
-                "metadata": {"name": name, "namespace": self.namespace}, "spec": spec}
-        return self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, body)
-
-    def get(self, plural: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-
-    def status(self, plural: str, name: str) -> dict[str, Any]:
-        return (self.get(plural, name) or {}).get("status") or {}
-
-    def patch(self, plural: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name, body)
-
-    def delete(self, plural: str, name: str) -> None:
-        try:
-            self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name)
-        except ApiException as error:
-            if error.status != 404:
-                raise
 
 
 def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((c for c in status.get("conditions", []) if c["type"] == type_), {})
-
-
-def console_wait(path: str, pattern: str, timeout: float = 120, after: int = 0) -> None:
-    regex = re.compile(pattern, re.M)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            text = Path(path).read_text(errors="replace")
-        except FileNotFoundError:
-            text = ""
-        if regex.search(text, after):
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {pattern!r} on the console within {timeout:g}s:\n{text[-3000:]}")
-        time.sleep(0.2)
-
-
-def line(text: str) -> str:
-    return rf"^{re.escape(text)}\r?$"
-
-
-def wait_phase(objects: Objects, name: str, phase: str, timeout: float = 90) -> dict[str, Any]:
-    try:
-        return wait_for(lambda: (s := objects.status("virtualmachines", name)).get("phase") == phase and s,
-                        timeout=timeout, interval=0.2, what=f"VirtualMachine {name} {phase}")
-    except AssertionError as error:
-        status = objects.status("virtualmachines", name)
-        raise AssertionError(f"{error}; Ready: {condition(status, 'Ready')}, node: {status.get('node')}, "
-                             f"root volume: {objects.status('volumes', f'{name}-root')}") from None
 
 
 def rbd_images(pool: CephPool) -> list[str]:
@@ -115,14 +50,7 @@ def test_guest_boots_from_an_rbd_clone_and_template_deletion_waits_for_it(
     cloud.create("clusters", cluster, {"pod": pod, "hypervisorType": "KVM", "cpuOvercommitRatio": 4.0})
     cloud.create("hosts", host, {"cluster": cluster})
     core = client.CoreV1Api(kube)
-    secret = unique("ceph-key")
-    core.create_namespaced_secret("cumulo-system", {"metadata": {"name": secret},
-                                                    "stringData": {"key": ceph_pool.key}})
-    pool = unique("rbd")
-    cloud.create("storagepools", pool, {
-        "zone": zone, "scope": "Zone", "type": "RBD",
-        "rbd": {"monitors": [ceph_pool.monitor], "pool": ceph_pool.name, "user": ceph_pool.user,
-                "secretRef": {"namespace": "cumulo-system", "name": secret, "key": "key"}}})
+    pool, secret = create_rbd_pool(cloud, kube, ceph_pool, zone)
     store_path = tmp_path / "store"
     store_path.mkdir()
     cloud.create("imagestores", unique("store"), {"zone": zone, "type": "Filesystem", "path": str(store_path)})
@@ -131,7 +59,7 @@ def test_guest_boots_from_an_rbd_clone_and_template_deletion_waits_for_it(
                                                 "storageType": "shared"})
     namespace = unique("tenant")
     control_plane.kubectl("create", "namespace", namespace)
-    objects = Objects(kube, namespace)
+    objects = Namespaced(kube, namespace)
     state_dir = tmp_path / "state"
     agents.start(host, "--host", host, "--libvirt-uri", libvirtd.uri, "--network-driver", "simulator",
                  "--heartbeat-interval", "1", "--lease-duration", "5", "--state-dir", str(state_dir),

@@ -16,14 +16,22 @@ import time
 from pathlib import Path
 
 import pytest
-from kubernetes import client
 
-pytest.register_assert_rewrite("conftest_libvirt", "conftest_ceph")
+pytest.register_assert_rewrite("conftest_libvirt", "conftest_ceph", "diskmarks")
 from conftest_ceph import CephPool  # noqa: E402
-from conftest_libvirt import unique, wait_for  # noqa: E402
-from test_agent_vm import Console, build_zone, condition, line, template_spec, wait_phase  # noqa: E402
-from test_rbd_copies import holds, write  # noqa: E402
-from test_snapshots_libvirt import wait_backed_up, wait_condition  # noqa: E402
+from conftest_libvirt import wait_for  # noqa: E402
+from diskmarks import holds, write  # noqa: E402
+from libvirtcloud import (  # noqa: E402
+    Console,
+    build_zone,
+    condition,
+    create_rbd_pool,
+    line,
+    template_spec,
+    wait_backed_up,
+    wait_condition,
+    wait_phase,
+)
 
 from cumulo import guestimage  # noqa: E402
 from hostagent.drivers.storage.rbd import RbdAccess  # noqa: E402
@@ -56,14 +64,7 @@ def test_root_volume_moves_local_to_rbd_and_back_and_rbd_snapshots(
         objects.patch("virtualmachines", "vm", {"spec": {"state": "Stopped"}})
         wait_phase(zone, "vm", "Stopped", timeout=90)
         # The RBD pool comes once the guest's root disk is on the local pool.
-        secret = unique("ceph-key")
-        client.CoreV1Api(kube).create_namespaced_secret("cumulo-system", {"metadata": {"name": secret},
-                                                                          "stringData": {"key": ceph_pool.key}})
-        rbd_pool = unique("rbd")
-        cloud.create("storagepools", rbd_pool, {
-            "zone": zone.name, "scope": "Zone", "type": "RBD",
-            "rbd": {"monitors": [ceph_pool.monitor], "pool": ceph_pool.name, "user": ceph_pool.user,
-                    "secretRef": {"namespace": "cumulo-system", "name": secret, "key": "key"}}})
+        rbd_pool, _secret = create_rbd_pool(cloud, kube, ceph_pool, zone.name)
         wait_for(lambda: (cloud.get("storagepools", rbd_pool).get("status") or {}).get("state") == "Up", timeout=60,
                  what="the RBD pool Up")
         volume = objects.get("volumes", "vm-root")

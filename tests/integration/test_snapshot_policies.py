@@ -13,7 +13,7 @@ pytest.register_assert_rewrite("conftest_libvirt")
 from conftest_libvirt import wait_for  # noqa: E402
 from cumuloprocess import CumuloProcess, console_script  # noqa: E402
 from privateplane import private_plane_fixtures  # noqa: E402
-from test_agent_vm import build_zone, condition  # noqa: E402
+from libvirtcloud import build_zone, condition  # noqa: E402
 
 pytest_plugins = ["conftest_libvirt"]
 pytestmark = [pytest.mark.timeout(300)]

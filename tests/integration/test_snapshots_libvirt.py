@@ -19,13 +19,14 @@ import pytest
 
 pytest.register_assert_rewrite("conftest_libvirt")
 from conftest_libvirt import unique, wait_for  # noqa: E402
-from test_agent_vm import (  # noqa: E402
+from libvirtcloud import (  # noqa: E402
     Console,
     build_zone,
-    condition,
     libvirt_domain,
     line,
     template_spec,
+    wait_backed_up,
+    wait_condition,
     wait_phase,
 )
 
@@ -70,30 +71,6 @@ def made_from(guest, zone: str, **source: Any) -> dict[str, Any]:
     """A template spec made from a snapshot or volume, booting with the tiny guest's kernel and initrd."""
     spec = {key: value for key, value in template_spec(guest, zone).items() if key not in ("url", "checksum")}
     return spec | source
-
-
-def snapshot_phase(objects, name: str) -> str | None:
-    return (objects.get("snapshots", name) or {}).get("status", {}).get("phase")
-
-
-def wait_backed_up(objects, name: str, timeout: float = 120) -> dict[str, Any]:
-    try:
-        return wait_for(lambda: snapshot_phase(objects, name) == "BackedUp" and objects.get("snapshots", name),
-                        timeout=timeout, interval=0.2, what=f"Snapshot {name} BackedUp")
-    except AssertionError as error:
-        raise AssertionError(f"{error}; it is {objects.get('snapshots', name)}") from None
-
-
-def wait_condition(objects, plural: str, name: str, type_: str, status: str, reason: str | None = None,
-                   timeout: float = 120) -> dict[str, Any]:
-    def check():
-        found = condition(objects.get(plural, name), type_)
-        return found.get("status") == status and (reason is None or found.get("reason") == reason) and found
-
-    try:
-        return wait_for(check, timeout=timeout, interval=0.2, what=f"{plural} {name} {type_}={status} {reason or ''}")
-    except AssertionError as error:
-        raise AssertionError(f"{error}; status: {(objects.get(plural, name) or {}).get('status')}") from None
 
 
 def test_snapshot_revert_volume_and_template_from_snapshot(cloud, kube, control_plane, agents, libvirtd, guest,
