@@ -14,6 +14,7 @@ from kubernetes.client.exceptions import ApiException
 
 pytest.register_assert_rewrite("conftest_libvirt")
 from conftest_libvirt import Cloud, unique, wait_for  # noqa: E402
+from simzone import create_sim_zone  # noqa: E402
 
 from controllers.api.v1alpha1.host import SIMULATOR_FAULTS_ANNOTATION  # noqa: E402
 
@@ -25,16 +26,9 @@ GROUP, VERSION = "cumulo.io", "v1alpha1"
 
 def test_guests_on_simulated_hosts_with_faults(cloud: Cloud, kube, control_plane, agents) -> None:
     custom = client.CustomObjectsApi(kube)
-    zone, pod, cluster, base = unique("zone"), unique("pod"), unique("sim"), unique("simhost")
+    base = unique("simhost")
     hosts = [f"{base}-{index}" for index in range(3)]
-    cloud.create("zones", zone, {"networkType": "Advanced", "dns1": "192.0.2.53", "localStorageEnabled": True})
-    cloud.create("hostpods", pod, {"zone": zone, "cidr": "10.253.0.0/24", "gateway": "10.253.0.1",
-                                   "startIp": "10.253.0.10", "endIp": "10.253.0.20"})
-    cloud.create("clusters", cluster, {"pod": pod, "hypervisorType": "Simulator"})
-    for host in hosts:
-        cloud.create("storagepools", f"{host}-local", {"zone": zone, "scope": "Host", "type": "Filesystem",
-                                                       "host": host, "path": f"/sim/{host}"})
-    cloud.create("imagestores", unique("store"), {"zone": zone, "type": "Filesystem", "path": "/sim/images"})
+    zone, cluster = create_sim_zone(cloud, hosts, "10.253.0")
     offering = unique("sim")
     cloud.create("serviceofferings", offering, {"cpuNumber": 1, "cpuSpeedMHz": 1000, "memoryMiB": 512,
                                                 "storageType": "local"})

@@ -13,6 +13,7 @@ from kubernetes import client
 
 pytest.register_assert_rewrite("conftest_libvirt")
 from conftest_libvirt import Cloud, unique, wait_for  # noqa: E402
+from simzone import create_sim_zone, wait_hosts_up  # noqa: E402
 
 pytest_plugins = ["conftest_libvirt"]
 pytestmark = [pytest.mark.usefixtures("system_namespace"), pytest.mark.timeout(300)]
@@ -24,16 +25,9 @@ HOSTS, CPUS_PER_HOST, GUESTS = 10, 10, 100  # exactly full: any double booking l
 def test_a_burst_of_100_guests_never_overcommits_a_host(cloud: Cloud, kube, control_plane, agents, controller,
                                                          record_property) -> None:
     custom = client.CustomObjectsApi(kube)
-    zone, pod, cluster, base = unique("zone"), unique("pod"), unique("sim"), unique("burst")
+    base = unique("burst")
     hosts = [f"{base}-{index}" for index in range(HOSTS)]
-    cloud.create("zones", zone, {"networkType": "Advanced", "dns1": "192.0.2.53"})
-    cloud.create("hostpods", pod, {"zone": zone, "cidr": "10.254.0.0/24", "gateway": "10.254.0.1",
-                                   "startIp": "10.254.0.10", "endIp": "10.254.0.20"})
-    cloud.create("clusters", cluster, {"pod": pod, "hypervisorType": "Simulator"})
-    for host in hosts:
-        cloud.create("storagepools", f"{host}-local", {"zone": zone, "scope": "Host", "type": "Filesystem",
-                                                       "host": host, "path": f"/sim/{host}"})
-    cloud.create("imagestores", unique("store"), {"zone": zone, "path": "/sim/images"})
+    zone, cluster = create_sim_zone(cloud, hosts, "10.254.0")
     offering = unique("one")
     cloud.create("serviceofferings", offering, {"cpuNumber": 1, "memoryMiB": 256, "storageType": "local"})
     namespace = unique("burst")
@@ -41,8 +35,7 @@ def test_a_burst_of_100_guests_never_overcommits_a_host(cloud: Cloud, kube, cont
     agents.start(base, "--host", base, "--hypervisor", "simulator", "--simulate", str(HOSTS), "--register-cluster",
                  cluster, "--sim-cpus", str(CPUS_PER_HOST), "--sim-memory-mib", "65536", "--heartbeat-interval", "2",
                  "--lease-duration", "20", "--vm-resync", "5")
-    wait_for(lambda: all((cloud.get("hosts", h).get("status") or {}).get("state") == "Up" for h in hosts),
-             timeout=60, what="the simulated hosts Up")
+    wait_hosts_up(cloud, hosts, timeout=60, what="the simulated hosts Up")
 
     def create(plural: str, kind: str, name: str, spec: dict) -> None:
         custom.create_namespaced_custom_object(GROUP, VERSION, namespace, plural, {

@@ -13,6 +13,7 @@ from kubernetes.client.exceptions import ApiException
 
 pytest.register_assert_rewrite("conftest_libvirt")
 from conftest_libvirt import Cloud, unique, wait_for  # noqa: E402
+from simzone import create_sim_zone  # noqa: E402
 
 pytest_plugins = ["conftest_libvirt"]
 pytestmark = [pytest.mark.usefixtures("system_namespace"), pytest.mark.timeout(400)]
@@ -23,16 +24,9 @@ GROUP, VERSION = "cumulo.io", "v1alpha1"
 def test_two_hundred_concurrent_nics_in_one_slash_24_and_exhaustion(cloud: Cloud, kube, control_plane, agents,
                                                                      controller) -> None:
     custom = client.CustomObjectsApi(kube)
-    zone, pod, cluster, base = unique("zone"), unique("pod"), unique("ipam"), unique("iphost")
-    cloud.create("zones", zone, {"networkType": "Advanced", "dns1": "192.0.2.53"})
-    cloud.create("hostpods", pod, {"zone": zone, "cidr": "10.252.0.0/24", "gateway": "10.252.0.1",
-                                   "startIp": "10.252.0.10", "endIp": "10.252.0.20"})
-    cloud.create("clusters", cluster, {"pod": pod, "hypervisorType": "Simulator"})
+    base = unique("iphost")
     hosts = [f"{base}-{i}" for i in range(10)]
-    for host in hosts:
-        cloud.create("storagepools", f"{host}-local", {"zone": zone, "scope": "Host", "type": "Filesystem",
-                                                       "host": host, "path": f"/sim/{host}"})
-    cloud.create("imagestores", unique("store"), {"zone": zone, "type": "Filesystem", "path": "/sim/images"})
+    zone, cluster = create_sim_zone(cloud, hosts, "10.252.0")
     cloud.create("physicalnetworks", unique("pnet"), {"zone": zone, "isolationMethod": "VXLAN",
                                                       "vnetRanges": [{"start": 100, "end": 199}],
                                                       "trafficTypes": [{"type": "Guest", "label": "cloudbr0"}]})

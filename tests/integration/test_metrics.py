@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 pytest.register_assert_rewrite("conftest_libvirt")
 from cumuloprocess import free_port  # noqa: E402
 from conftest_libvirt import Cloud, unique, wait_for  # noqa: E402
+from simzone import create_sim_zone  # noqa: E402
 
 pytest_plugins = ["conftest_libvirt"]
 pytestmark = [pytest.mark.usefixtures("controller", "system_namespace"), pytest.mark.timeout(180)]
@@ -37,17 +38,10 @@ def total(samples: Samples, metric: str, /, **labels: str) -> float:
 def test_controller_and_agent_metrics_reflect_a_simulated_cloud(cloud: Cloud, kube, control_plane, agents,
                                                                 controller) -> None:
     custom = client.CustomObjectsApi(kube)
-    zone, pod, cluster, base = unique("zone"), unique("pod"), unique("sim"), unique("mhost")
+    base = unique("mhost")
     hosts = [f"{base}-{index}" for index in range(2)]
     before = scrape(controller.metrics_port)
-    cloud.create("zones", zone, {"networkType": "Advanced", "dns1": "192.0.2.53", "localStorageEnabled": True})
-    cloud.create("hostpods", pod, {"zone": zone, "cidr": "10.252.0.0/24", "gateway": "10.252.0.1",
-                                   "startIp": "10.252.0.10", "endIp": "10.252.0.20"})
-    cloud.create("clusters", cluster, {"pod": pod, "hypervisorType": "Simulator"})
-    for host in hosts:
-        cloud.create("storagepools", f"{host}-local", {"zone": zone, "scope": "Host", "type": "Filesystem",
-                                                       "host": host, "path": f"/sim/{host}"})
-    cloud.create("imagestores", unique("store"), {"zone": zone, "type": "Filesystem", "path": "/sim/images"})
+    zone, cluster = create_sim_zone(cloud, hosts, "10.252.0")
     offering = unique("msim")
     cloud.create("serviceofferings", offering, {"cpuNumber": 1, "cpuSpeedMHz": 1000, "memoryMiB": 512,
                                                 "storageType": "local"})

@@ -10,58 +10,23 @@ import time
 from typing import Any
 
 import pytest
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
 pytest.register_assert_rewrite("conftest_libvirt")
 from conftest_libvirt import Cloud, unique, wait_for  # noqa: E402
+from simzone import Tenant, create_sim_zone, ready_template, wait_hosts_up  # noqa: E402
 
 from controllers.api.v1alpha1.host import SIMULATOR_FAULTS_ANNOTATION  # noqa: E402
 
 pytest_plugins = ["conftest_libvirt"]
 pytestmark = [pytest.mark.usefixtures("controller", "system_namespace"), pytest.mark.timeout(240)]
-GROUP, VERSION = "cumulo.io", "v1alpha1"
-
-
-class Tenant:
-    def __init__(self, kube: client.ApiClient, namespace: str):
-        self.custom, self.namespace = client.CustomObjectsApi(kube), namespace
-
-    def create(self, plural: str, kind: str, name: str, spec: dict[str, Any], **metadata: Any) -> None:
-        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, {
-            "apiVersion": f"{GROUP}/{VERSION}", "kind": kind, "metadata": {"name": name, **metadata}, "spec": spec})
-
-    def patch(self, plural: str, name: str, spec: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name, {"spec": spec})
-
-    def get(self, plural: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-
-    def list(self, plural: str) -> list[dict[str, Any]]:
-        return self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, plural)["items"]
-
-    def status(self, plural: str, name: str) -> dict[str, Any]:
-        return ((self.get(plural, name) or {}).get("status")) or {}
 
 
 @pytest.fixture
 def sim_zone(cloud: Cloud, kube, control_plane, agents):
     """A zone of three simulated hosts (4 vCPUs each) with a local pool each, and a Ready template."""
-    zone, pod, cluster, base = unique("zone"), unique("pod"), unique("sim"), unique("mig")
-    cloud.create("zones", zone, {"networkType": "Advanced", "dns1": "192.0.2.53"})
-    cloud.create("hostpods", pod, {"zone": zone, "cidr": "10.248.0.0/24", "gateway": "10.248.0.1",
-                                   "startIp": "10.248.0.10", "endIp": "10.248.0.20"})
-    cloud.create("clusters", cluster, {"pod": pod, "hypervisorType": "Simulator"})
+    base = unique("mig")
     hosts = [f"{base}-{index}" for index in range(3)]
-    for host in hosts:
-        cloud.create("storagepools", f"{host}-local", {"zone": zone, "scope": "Host", "type": "Filesystem",
-                                                       "host": host, "path": f"/sim/{host}"})
-    cloud.create("imagestores", unique("store"), {"zone": zone, "path": "/sim/images"})
+    zone, cluster = create_sim_zone(cloud, hosts, "10.248.0")
     small = unique("small")
     cloud.create("serviceofferings", small, {"cpuNumber": 1, "memoryMiB": 256, "storageType": "local"})
     namespace = unique("tenant")
@@ -69,12 +34,9 @@ def sim_zone(cloud: Cloud, kube, control_plane, agents):
     agent = agents.start(base, "--host", base, "--simulate", "3", "--hypervisor", "simulator", "--register-cluster",
                          cluster, "--sim-cpus", "4", "--sim-memory-mib", "8192", "--heartbeat-interval", "1",
                          "--lease-duration", "10", "--vm-resync", "2")
-    wait_for(lambda: all((cloud.get("hosts", h).get("status") or {}).get("state") == "Up" for h in hosts),
-             timeout=30, what="hosts Up")
+    wait_hosts_up(cloud, hosts)
     tenant = Tenant(kube, namespace)
-    tenant.create("templates", "Template", "img", {"url": "file:///sim/images/img.qcow2", "zone": zone,
-                                                  "hypervisor": "Simulator"})
-    wait_for(lambda: tenant.status("templates", "img").get("state") == "Ready", timeout=30, what="template Ready")
+    ready_template(tenant, zone)
     return {"zone": zone, "small": small, "tenant": tenant, "hosts": hosts, "cloud": cloud, "agent": agent}
 
 

@@ -14,6 +14,7 @@ from kubernetes import client
 
 pytest.register_assert_rewrite("conftest_libvirt")
 from conftest_libvirt import Cloud, unique, wait_for  # noqa: E402
+from simzone import create_sim_zone  # noqa: E402
 
 pytest_plugins = ["conftest_libvirt"]
 pytestmark = [pytest.mark.usefixtures("system_namespace"), pytest.mark.timeout(240)]
@@ -28,14 +29,8 @@ def parse(value: str) -> datetime.datetime:
 def test_running_hours_of_a_guest_match_the_interval_and_survive_a_restart(cloud: Cloud, kube, control_plane,
                                                                              agents, controller) -> None:
     custom = client.CustomObjectsApi(kube)
-    zone, pod, cluster, host = unique("zone"), unique("pod"), unique("sim"), unique("usagehost")
-    cloud.create("zones", zone, {"networkType": "Advanced", "dns1": "192.0.2.53", "localStorageEnabled": True})
-    cloud.create("hostpods", pod, {"zone": zone, "cidr": "10.252.0.0/24", "gateway": "10.252.0.1",
-                                   "startIp": "10.252.0.10", "endIp": "10.252.0.20"})
-    cloud.create("clusters", cluster, {"pod": pod, "hypervisorType": "Simulator"})
-    cloud.create("storagepools", f"{host}-local", {"zone": zone, "scope": "Host", "type": "Filesystem",
-                                                   "host": host, "path": f"/sim/{host}"})
-    cloud.create("imagestores", unique("store"), {"zone": zone, "type": "Filesystem", "path": "/sim/images"})
+    host = unique("usagehost")
+    zone, cluster = create_sim_zone(cloud, [host], "10.252.0")
     offering = unique("metered")
     cloud.create("serviceofferings", offering, {"cpuNumber": 1, "memoryMiB": 256, "storageType": "local"})
     namespace = unique("billing")

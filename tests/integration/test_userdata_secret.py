@@ -18,6 +18,7 @@ from kubernetes.client.exceptions import ApiException
 
 pytest.register_assert_rewrite("conftest_libvirt")
 from conftest_libvirt import Cloud, unique, wait_for  # noqa: E402
+from simzone import create_sim_zone  # noqa: E402
 
 pytest_plugins = ["conftest_libvirt"]
 pytestmark = [pytest.mark.usefixtures("controller", "system_namespace"), pytest.mark.timeout(180)]
@@ -43,15 +44,9 @@ def secret_reads(plane, user: str, namespace: str, since: float) -> list[tuple[s
 
 def test_user_data_secret_on_a_simulated_host(cloud: Cloud, kube, control_plane, agents) -> None:
     custom, core = client.CustomObjectsApi(kube), client.CoreV1Api(kube)
-    zone, pod, cluster, base = unique("zone"), unique("pod"), unique("sim"), unique("udhost")
+    base = unique("udhost")
     host = f"{base}-0"
-    cloud.create("zones", zone, {"networkType": "Advanced", "dns1": "192.0.2.53", "localStorageEnabled": True})
-    cloud.create("hostpods", pod, {"zone": zone, "cidr": "10.252.0.0/24", "gateway": "10.252.0.1",
-                                   "startIp": "10.252.0.10", "endIp": "10.252.0.20"})
-    cloud.create("clusters", cluster, {"pod": pod, "hypervisorType": "Simulator"})
-    cloud.create("storagepools", f"{host}-local", {"zone": zone, "scope": "Host", "type": "Filesystem",
-                                                   "host": host, "path": f"/sim/{host}"})
-    cloud.create("imagestores", unique("store"), {"zone": zone, "type": "Filesystem", "path": "/sim/images"})
+    zone, cluster = create_sim_zone(cloud, [host], "10.252.0")
     offering = unique("sim")
     cloud.create("serviceofferings", offering, {"cpuNumber": 1, "cpuSpeedMHz": 1000, "memoryMiB": 512,
                                                 "storageType": "local"})
