@@ -101,10 +101,24 @@ class VirtualMachineReconciler(InventoryReconciler):
         for vm in self.store.list("virtualmachines"):
             if vm.status.placement and vm.status.placement.host:
                 self._reserve(vm, vm.status.placement.host)
+            elif (host := self._unrecorded_host(vm)) is not None:
+                self._reserve(vm, host)
             if vm.status.migration is not None and vm.status.launch is not None:
                 # A live migration's target holds the guest's size too until the move ends (see migration).
                 self.ledger.reserve(migration.reservation_key(vm_key(vm)), vm.status.migration.target_host,
                                     vm.status.launch.cpu_number, vm.status.launch.memory_mib, vm.metadata.namespace)
+
+    def _unrecorded_host(self, vm: VirtualMachine) -> str | None:
+        """The only host a guest that should run but has no recorded placement can go to: the one of the local
+        pool its root disk is on (``_place`` keeps to that pool). A controller stopped between ``prepare``, which
+        created the root Volume on the planner's pool, and the status write leaves such a guest; its host's
+        capacity is held for it from the start, lest guests reconciled before it take the place."""
+        if vm.spec.state != DesiredState.RUNNING:
+            return None
+        root = self.store.get("volumes", root_volume_name(vm), vm.metadata.namespace)
+        name = (root.status.storage_pool or root.spec.storage_pool) if root is not None else None
+        pool = self.store.get("storagepools", name) if name else None
+        return pool.spec.host if pool is not None and pool.spec.scope == PoolScope.HOST else None
 
     def watch_map(self):
         def vms(index: str, value: str):
@@ -272,6 +286,9 @@ class VirtualMachineReconciler(InventoryReconciler):
 
     def _place(self, vm: VirtualMachine, offering: t.Any, template: t.Any, zone: t.Any, root: t.Any) -> \
             planner.Decision:
+        # Not counted against itself: a guest being placed again holds no capacity yet (a reservation held for it
+        # since a restart, see _unrecorded_host, or one of a placement now lost, goes; the decision reserves anew).
+        self.ledger.release(vm_key(vm))
         hypervisor = template.spec.hypervisor.value
         disk_bytes = (vm.spec.root_disk_size_gib or offering.spec.root_disk_size_gib or 0) * GIB or \
             (template.status.virtual_size_bytes or 0)

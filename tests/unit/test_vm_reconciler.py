@@ -360,3 +360,33 @@ def test_the_planner_inventory_recomputes_only_the_candidates_of_changed_hosts_a
         await runtime.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_placement_lost_in_a_controller_crash_keeps_its_host_for_its_guest():
+    """The controller stopped after ``prepare`` created a guest's root Volume on the planner's local pool and before
+    the placement was recorded: after the restart, a guest reconciled first does not take the one place left."""
+    async def scenario():
+        api = FakeApi()
+        world(api, cpus=1)
+        runtime = await start(api)
+        agent_downloads(api)
+        await settle(runtime)
+        await runtime.stop()
+        api.runtime = None
+        spec = {"serviceOffering": "small", "template": {"name": "tiny"}, "zone": "z1"}
+        api.put("virtualmachines", obj("VirtualMachine", "a", spec, namespace="demo"))  # queued first on restart
+        api.put("virtualmachines", obj("VirtualMachine", "z", spec, namespace="demo", finalizers=[FINALIZER]))
+        api.put("volumes", obj("Volume", "z-root", {
+            "type": "ROOT", "zone": "z1", "virtualMachine": {"name": "z"}, "storagePool": "h1-local",
+            "fromTemplate": {"name": "tiny", "namespace": "demo"}}, namespace="demo", finalizers=[FINALIZER],
+            labels={HOST_LABEL: "h1"}))
+        runtime = await start(api)
+        await settle(runtime)
+        z, a = api.get("virtualmachines", "z", "demo"), api.get("virtualmachines", "a", "demo")
+        assert (z["status"].get("placement") or {}).get("host") == "h1", conditions(z).get("Scheduled")
+        assert not a["status"].get("placement")
+        assert conditions(a)["Scheduled"]["reason"] == "InsufficientCapacity"
+        assert runtime.reconcilers["virtualmachines"].ledger.used("h1") == (1, 512)
+        await runtime.stop()
+
+    asyncio.run(scenario())
