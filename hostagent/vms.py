@@ -647,7 +647,8 @@ class VmReconciler(ObjectReconciler):
         is out of step with their report or launch (one that powered itself off, crashed, or was destroyed
         behind the agent's back), as CloudStack's agent sends one VM state report per ping. Every guest is
         reconciled only every ``full_resync_seconds`` (the level-based safety net). Queuing every guest every
-        10 s was most of the agents' CPU with 10,000 guests."""
+        10 s (and every sweep) was a hypervisor lookup and a reconcile per guest: 1,300 a second across the
+        agents at 10,000 guests, where one listing per host does."""
         await self.informer.synced.wait()
         next_full = time.monotonic() + self.full_resync_seconds * random.uniform(0.5, 1.0)
         while True:

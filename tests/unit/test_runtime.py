@@ -201,3 +201,36 @@ def test_changes_of_coalesced_kinds_reach_a_rollup_once_per_window_and_its_own_c
         await runtime.stop()
 
     asyncio.run(scenario())
+
+
+def test_new_objects_wait_behind_objects_under_way_but_are_never_starved():
+    from controllers.runtime import NEW_LANE_SHARE
+
+    async def scenario():
+        queue = WorkQueue()
+        for index in range(10):
+            queue.add(("vms", "ns", f"new{index}"), new=True)
+        for index in range(10):
+            queue.add(("vms", "ns", f"old{index}"))
+        taken = []
+        for _ in range(12):
+            key = await queue.get()
+            queue.done(key)
+            taken.append(key[2])
+        # Under-way first, in order; every NEW_LANE_SHARE-th take serves the new lane, in order.
+        assert [name for name in taken if name.startswith("new")] == ["new0", "new1", "new2"]
+        assert taken[NEW_LANE_SHARE - 1] == "new0"
+        assert [name for name in taken if name.startswith("old")] == [f"old{i}" for i in range(9)]
+        rest = []
+        for _ in range(8):
+            key = await queue.get()
+            queue.done(key)
+            rest.append(key[2])
+        assert rest == ["old9", *[f"new{i}" for i in range(3, 10)]] and len(queue) == 0
+        waiter = asyncio.ensure_future(queue.get())
+        await asyncio.sleep(0.01)
+        assert not waiter.done()
+        queue.add(("vms", "ns", "late"), new=True)
+        assert (await asyncio.wait_for(waiter, 1))[2] == "late"
+
+    asyncio.run(scenario())
