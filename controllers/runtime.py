@@ -268,9 +268,9 @@ class WorkQueue:
     same time; one added while it is being processed is processed again afterwards.
 
     Two lanes, each first in first out: keys of objects seen for the first time (``new``) wait behind changes
-    of objects already under way (and of their dependents), so the next step of a guest being started (its root disk's target, its
-    Running) is not queued behind thousands of guests created after it; one take in :data:`NEW_LANE_SHARE`
-    still serves the new lane, so creations never starve."""
+    of objects already under way (and of their dependents), so the next step of a guest being started (its
+    root disk's target, its Running) is not queued behind thousands of guests created after it; one take in
+    :data:`NEW_LANE_SHARE` still serves the new lane, so creations never starve."""
 
     def __init__(self) -> None:
         self._lanes: tuple[collections.deque[Key], collections.deque[Key]] = (collections.deque(),
