@@ -663,15 +663,18 @@ class VmReconciler(ObjectReconciler):
     async def check_states(self) -> None:
         """Queue the guests placed on this agent's hosts whose domains are out of step (:func:`vmspec.out_of_step`).
         One waiting out a backoff (a failing start) is brought forward: a failure is retried at least this often."""
+        # A hypervisor may serve several simulated hosts: its one listing covers all of them.
+        served: dict[int, tuple[HypervisorDriver, list[str]]] = {}
+        for name, worker in self.agent.workers.items():
+            served.setdefault(id(worker.hypervisor), (worker.hypervisor, []))[1].append(name)
         domains: dict[str, Domain] = {}
         listed: set[str] = set()
-        for host, hypervisor in self._hypervisors():
+        for hypervisor, hosts in served.values():
             try:
                 found = await hypervisor.domains()
             except HypervisorError:
                 continue  # the sweep says so; the next round looks again
-            # A hypervisor may serve several simulated hosts: its listing covers all of them.
-            listed.update(name for name, worker in self.agent.workers.items() if worker.hypervisor is hypervisor)
+            listed.update(hosts)
             domains.update((domain.uuid, domain) for domain in found)
         for key, vm in list(self.informer.cache.items()):
             host = vmspec.placed_host(vm)
@@ -715,12 +718,10 @@ class VmReconciler(ObjectReconciler):
                 continue
             self._states.pop(("", f"sweep {host}"), None)
             plan = vmspec.sweep_plan(domains, vms, self.hosts)
-            for key, domain in plan.adopt:
-                # Later sweeps leave guests in step to the state check: re-queuing every running guest each
-                # sweep cost as much as reconciling them.
-                vm = self.informer.cache.get(key)
-                if not self.swept.is_set() or vm is None or \
-                        vmspec.out_of_step(vm, domain, self.last_report(key, vm)):
+            if not self.swept.is_set():
+                # Only the first sweep adopts every guest found running; then the state check queues those
+                # whose domain goes out of step (check_states).
+                for key, _domain in plan.adopt:
                     self.queue.add(key)
             for domain in plan.suspects:
                 await self._judge(hypervisor, domain)

@@ -254,9 +254,13 @@ def out_of_step(vm: Mapping[str, t.Any], domain: Domain | None, report: Mapping[
     if active != (launch.get("powerState") == DesiredState.RUNNING):
         return True
     state = domain.state if domain is not None else DomainState.SHUTOFF
-    disks = sorted(disk.volume for disk in domain.disks if disk.volume) if domain is not None else []
     return report.get("host") != launch.get("host") or report.get("domainState") != state or \
-        (report.get("disks") or []) != disks
+        (report.get("disks") or []) != attached_volumes(domain)
+
+
+def attached_volumes(domain: Domain | None) -> list[str]:
+    """The Volumes a domain has attached, sorted (``status.node.disks``)."""
+    return sorted(disk.volume for disk in domain.disks if disk.volume) if domain is not None else []
 
 
 def domain_report(host: str, domain: Domain | None, *, console_log: str | None, message: str) -> dict[str, t.Any]:
@@ -268,7 +272,7 @@ def domain_report(host: str, domain: Domain | None, *, console_log: str | None, 
         "consoleLog": console_log,
         "startedAt": domain.owner.started_at if domain is not None and domain.owner and domain.active else None,
         "message": message,
-        "disks": sorted(disk.volume for disk in domain.disks if disk.volume) if domain is not None else [],
+        "disks": attached_volumes(domain),
     }
     return report
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +76,10 @@ class Zone:
     agent_args: list[str]
 
 
-def build_zone(cloud: Cloud, kube: client.ApiClient, control_plane, agents, libvirtd, tmp_path: Path) -> tuple[Zone, Any]:
+def build_zone(cloud: Cloud, kube: client.ApiClient, control_plane, agents, libvirtd, tmp_path: Path,
+               agent_flags: Sequence[str] = ()) -> tuple[Zone, Any]:
+    """A zone of one libvirt host with a local pool, an image store and a tiny offering, a tenant namespace, and the
+    host's agent started (``agent_flags`` come last, so they override the defaults) and Up."""
     zone, pod, cluster, host = unique("zone"), unique("pod"), unique("kvm"), unique("kvmhost")
     cloud.create("zones", zone, {"networkType": "Advanced", "dns1": "192.0.2.53", "localStorageEnabled": True})
     cloud.create("hostpods", pod, {"zone": zone, "cidr": "10.252.0.0/24", "gateway": "10.252.0.1",
@@ -96,7 +100,7 @@ def build_zone(cloud: Cloud, kube: client.ApiClient, control_plane, agents, libv
     state_dir = tmp_path / "state"
     args = ["--host", host, "--libvirt-uri", libvirtd.uri, "--network-driver", "simulator",
             "--heartbeat-interval", "1", "--lease-duration", "5", "--state-dir", str(state_dir),
-            "--stop-timeout", "30", "--log-level", "debug", "--log-format", "text"]
+            "--stop-timeout", "30", "--log-level", "debug", "--log-format", "text", *agent_flags]
     agent = agents.start(host, *args)
     wait_for(lambda: (cloud.get("hosts", host).get("status") or {}).get("state") == "Up", timeout=30,
              what=f"host {host} Up")

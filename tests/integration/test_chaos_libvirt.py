@@ -10,13 +10,13 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 pytest.register_assert_rewrite("conftest_libvirt")
-from conftest_libvirt import Cloud, unique, wait_for  # noqa: E402
+from conftest_libvirt import Cloud, wait_for  # noqa: E402
 from cumuloprocess import CumuloProcess, console_script  # noqa: E402
+from libvirtcloud import build_zone, template_spec  # noqa: E402
 from privateplane import private_plane_fixtures  # noqa: E402
 
 
@@ -25,7 +25,6 @@ pytestmark = pytest.mark.timeout(420)
 
 control_plane, kube, system_namespace = private_plane_fixtures()
 
-GROUP, VERSION = "cumulo.io", "v1alpha1"
 SEED = 1
 GUESTS = 4
 
@@ -51,9 +50,6 @@ def run_ids(uri: str) -> dict[str, int]:
 
 def test_libvirt_guests_survive_agent_and_controller_kills(control_plane, kube, system_namespace, agents, libvirtd,
                                                           guest, tmp_path: Path) -> None:
-    from kubernetes import client
-
-    custom = client.CustomObjectsApi(kube)
     cloud = Cloud(kube)
     rng = random.Random(SEED)
     controller = CumuloProcess("cumulo-controller", [
@@ -61,43 +57,11 @@ def test_libvirt_guests_survive_agent_and_controller_kills(control_plane, kube, 
         "--metrics-port", "0", "--log-level", "DEBUG"], tmp_path / "controller.log")
     try:
         controller.wait_for_log("reconciling with", timeout=60)
-        zone, pod, cluster, host = unique("zone"), unique("pod"), unique("kvm"), unique("kvmhost")
-        cloud.create("zones", zone, {"networkType": "Advanced", "dns1": "192.0.2.53", "localStorageEnabled": True})
-        cloud.create("hostpods", pod, {"zone": zone, "cidr": "10.252.0.0/24", "gateway": "10.252.0.1",
-                                       "startIp": "10.252.0.10", "endIp": "10.252.0.20"})
-        cloud.create("clusters", cluster, {"pod": pod, "hypervisorType": "KVM", "cpuOvercommitRatio": 4.0})
-        cloud.create("hosts", host, {"cluster": cluster})
-        pool_path, store_path = tmp_path / "pool", tmp_path / "store"
-        store_path.mkdir()
-        cloud.create("storagepools", f"{host}-local", {"zone": zone, "scope": "Host", "type": "Filesystem",
-                                                       "host": host, "path": str(pool_path)})
-        cloud.create("imagestores", unique("store"), {"zone": zone, "type": "Filesystem", "path": str(store_path)})
-        offering = unique("tiny")
-        cloud.create("serviceofferings", offering, {"cpuNumber": 1, "cpuSpeedMHz": 500, "memoryMiB": 128,
-                                                    "storageType": "local"})
-        namespace = unique("chaos")
-        control_plane.kubectl("create", "namespace", namespace)
-        args = ["--host", host, "--libvirt-uri", libvirtd.uri, "--network-driver", "simulator",
-                "--heartbeat-interval", "1", "--lease-duration", "10", "--state-dir", str(tmp_path / "state"),
-                "--stop-timeout", "5", "--vm-resync", "3", "--orphan-sweep", "5"]
-        agent = agents.start(host, *args)
-        wait_for(lambda: (cloud.get("hosts", host).get("status") or {}).get("state") == "Up", timeout=60,
-                 what=f"host {host} Up")
-
-        def create(plural: str, kind: str, name: str, spec: dict[str, Any]) -> None:
-            custom.create_namespaced_custom_object(GROUP, VERSION, namespace, plural, {
-                "apiVersion": f"{GROUP}/{VERSION}", "kind": kind,
-                "metadata": {"name": name, "namespace": namespace}, "spec": spec})
-
-        def listed(plural: str) -> list[dict[str, Any]]:
-            return custom.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)["items"]
-
-        create("templates", "Template", "tiny", {
-            "url": guest.disk.as_uri(), "format": "QCOW2", "zone": zone, "checksum": f"sha256:{guest.disk_sha256}",
-            "directKernelBoot": {
-                "kernel": {"url": guest.kernel.as_uri(), "checksum": f"sha256:{guest.kernel_sha256}"},
-                "initrd": {"url": guest.initrd.as_uri(), "checksum": f"sha256:{guest.initrd_sha256}"},
-                "cmdline": guest.cmdline}})
+        built, agent = build_zone(cloud, kube, control_plane, agents, libvirtd, tmp_path, agent_flags=[
+            "--lease-duration", "10", "--stop-timeout", "5", "--vm-resync", "3", "--orphan-sweep", "5"])
+        zone, offering, objects = built.name, built.offering, built.objects
+        listed = objects.list
+        objects.create("templates", "Template", "tiny", template_spec(guest, zone))
         wait_for(lambda: next((t for t in listed("templates")), {}).get("status", {}).get("state") == "Ready",
                  timeout=90, what="the template Ready")
 
@@ -132,8 +96,8 @@ def test_libvirt_guests_survive_agent_and_controller_kills(control_plane, kube, 
         started = time.monotonic()
         names = [f"vm{i}" for i in range(GUESTS)]
         for name in names:
-            create("virtualmachines", "VirtualMachine", name, {"serviceOffering": offering,
-                                                               "template": {"name": "tiny"}, "zone": zone})
+            objects.create("virtualmachines", "VirtualMachine", name, {"serviceOffering": offering,
+                                                                       "template": {"name": "tiny"}, "zone": zone})
         for process in rng.sample(["agent", "controller"], 2):
             crash(process, rng.uniform(0.5, 4.0))
         wait_for(lambda: all_vms(lambda vm: (vm.get("status") or {}).get("phase") == "Running"), timeout=150,
@@ -150,7 +114,7 @@ def test_libvirt_guests_survive_agent_and_controller_kills(control_plane, kube, 
         # Deletes: all guests at once, the controller and the agent killed meanwhile.
         started = time.monotonic()
         for name in names:
-            custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, "virtualmachines", name)
+            objects.delete("virtualmachines", name)
         for process in rng.sample(["agent", "controller"], 2):
             crash(process, rng.uniform(0.2, 2.0))
         wait_for(lambda: not listed("virtualmachines") and not listed("volumes"), timeout=120, interval=0.5,
